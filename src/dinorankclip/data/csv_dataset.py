@@ -1,0 +1,200 @@
+"""Image-caption and image-label datasets read from CSV/TSV files.
+
+Paths inside a table are relative to the table's folder. A sample whose image is missing or unreadable
+does not stop the run: ``__getitem__`` returns a :class:`BadSample`, the collate function drops it and
+counts it, and the trainer raises once the bad fraction passes ``data.max_bad_fraction``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .images import ImageDecodeError, load_image
+
+__all__ = [
+    "BadSample",
+    "CaptionDataset",
+    "LabelledImageDataset",
+    "collate_samples",
+    "read_table",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BadSample:
+    """Placeholder for a sample that could not be read."""
+
+    index: int
+    source: str
+    reason: str
+
+
+def _separator_for(path: Path, separator: str | None) -> str:
+    if separator is not None:
+        return "\t" if separator in ("\\t", "tab") else separator
+    return "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+
+
+def read_table(
+    path: str | Path,
+    columns: Sequence[str],
+    *,
+    separator: str | None = None,
+    config_keys: dict[str, str] | None = None,
+) -> list[dict[str, str]]:
+    """Read a CSV/TSV file and check that it has ``columns``.
+
+    Args:
+        path: table file.
+        columns: required column names.
+        separator: field separator; None picks tab for .tsv and comma otherwise.
+        config_keys: for error messages, the config key that names each column.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a required column is missing (the message lists the columns found) or the file is empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist; give a CSV/TSV with columns {list(columns)}")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle, delimiter=_separator_for(path, separator))
+        found = reader.fieldnames or []
+        for column in columns:
+            if column not in found:
+                key = (config_keys or {}).get(column)
+                hint = f"; set {key}=<column> to use another column" if key else ""
+                raise ValueError(f"{path}: column {column!r} is missing; columns found: {found}{hint}")
+        rows = [row for row in reader]
+    if not rows:
+        raise ValueError(f"{path}: the table has a header but no rows")
+    return rows
+
+
+def _split_key(key: int | tuple[int, int]) -> tuple[int, torch.Generator | None]:
+    if isinstance(key, tuple):
+        index, seed = key
+        return int(index), torch.Generator().manual_seed(int(seed))
+    return int(key), None
+
+
+class CaptionDataset(Dataset):
+    """Image-caption pairs from a table with a file-path column and a caption column.
+
+    Args:
+        path: CSV/TSV file; image paths are relative to its folder.
+        transform: callable from an RGB PIL image to a dict of view tensors (see ``PairedViews``).
+        tokenizer: callable from a list of strings to token ids [n, L].
+        filepath_column, caption_column: column names.
+        second_caption_column: optional column with another caption of the same image (ALIP); yields ``text2``.
+        separator: field separator; None picks by file extension.
+        exif_transpose: apply EXIF orientation.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        transform: Callable[[Any], dict[str, torch.Tensor]],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        filepath_column: str = "filepath",
+        caption_column: str = "caption",
+        second_caption_column: str | None = None,
+        separator: str | None = None,
+        exif_transpose: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        columns = [filepath_column, caption_column] + ([second_caption_column] if second_caption_column else [])
+        keys = {filepath_column: "data.filepath_column", caption_column: "data.caption_column"}
+        if second_caption_column:
+            keys[second_caption_column] = "data.second_caption_column"
+        rows = read_table(self.path, columns, separator=separator, config_keys=keys)
+        root = self.path.parent
+        self.files = [str(root / row[filepath_column]) for row in rows]
+        self.captions = [row[caption_column] or "" for row in rows]
+        self.captions2 = [row[second_caption_column] or "" for row in rows] if second_caption_column else None
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.exif_transpose = exif_transpose
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | BadSample:
+        """Load one pair; ``key`` is an index or ``(index, seed)`` where the seed fixes the random crop."""
+        index, generator = _split_key(key)
+        try:
+            image = load_image(self.files[index], exif_transpose=self.exif_transpose)
+        except ImageDecodeError as err:
+            return BadSample(index=index, source=self.files[index], reason=str(err))
+        sample = self.transform(image, generator)
+        sample["text"] = self.tokenizer([self.captions[index].strip()])[0]
+        if self.captions2 is not None:
+            sample["text2"] = self.tokenizer([self.captions2[index].strip()])[0]
+        sample["index"] = index
+        return sample
+
+
+class LabelledImageDataset(Dataset):
+    """Images with integer class labels from a table with ``filepath`` and ``label`` columns."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        transform: Callable[[Any], dict[str, torch.Tensor]],
+        filepath_column: str = "filepath",
+        label_column: str = "label",
+        separator: str | None = None,
+        exif_transpose: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        rows = read_table(self.path, [filepath_column, label_column], separator=separator)
+        self.files = [str(self.path.parent / row[filepath_column]) for row in rows]
+        try:
+            self.labels = [int(row[label_column]) for row in rows]
+        except ValueError as err:
+            raise ValueError(f"{self.path}: column {label_column!r} must hold integer class indices ({err})") from None
+        self.transform = transform
+        self.exif_transpose = exif_transpose
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | BadSample:
+        index, generator = _split_key(key)
+        try:
+            image = load_image(self.files[index], exif_transpose=self.exif_transpose)
+        except ImageDecodeError as err:
+            return BadSample(index=index, source=self.files[index], reason=str(err))
+        sample = self.transform(image, generator)
+        sample["label"] = self.labels[index]
+        sample["index"] = index
+        return sample
+
+
+def collate_samples(samples: list[dict[str, Any] | BadSample]) -> dict[str, Any]:
+    """Stack good samples and count bad ones.
+
+    Returns:
+        A dict with the stacked tensors of the good samples (``image``, ``teacher_view``, ``text``, ...),
+        ``index`` [B], ``num_bad`` (int) and ``bad`` (list of :class:`BadSample`).
+    """
+    good = [s for s in samples if not isinstance(s, BadSample)]
+    bad = [s for s in samples if isinstance(s, BadSample)]
+    batch: dict[str, Any] = {"num_bad": len(bad), "bad": bad, "num_samples": len(samples)}
+    if good:
+        for key in good[0]:
+            values = [s[key] for s in good]
+            batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else torch.tensor(values)
+    return batch

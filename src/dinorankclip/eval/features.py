@@ -1,0 +1,78 @@
+"""Batched embedding extraction shared by every evaluation task."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["Encoder"]
+
+logger = logging.getLogger(__name__)
+
+
+class Encoder:
+    """Wraps a model, its tokenizer and an optional teacher source for inference.
+
+    Args:
+        model: a :class:`~dinorankclip.models.DinoRankCLIP` (or anything with ``encode_image_all`` and
+            ``encode_text``).
+        tokenizer: callable from a list of strings to token ids [n, L].
+        device: where to run.
+        teacher: callable from a batch dict to a ``TeacherOutput``; needed only when the model injects
+            teacher tokens directly.
+    """
+
+    def __init__(self, model, tokenizer: Callable, device: torch.device, teacher: Callable | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.teacher = teacher
+
+    @torch.no_grad()
+    def image_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Run the image side on one collated batch and return every image output."""
+        image = batch["image"].to(self.device)
+        view = batch["teacher_view"].to(self.device) if "teacher_view" in batch else None
+        levels = None
+        if self.teacher is not None and getattr(self.model, "injection_source", "student") == "teacher":
+            levels = self.teacher(batch).patch_levels
+        return self.model.encode_image_all(image, view, levels)
+
+    @torch.no_grad()
+    def images(self, loader: Iterable[dict[str, Any]], *, desc: str = "images", keys=("image_features",),
+               ) -> dict[str, torch.Tensor]:
+        """Embed every readable image of ``loader``.
+
+        Returns:
+            A dict with one [n, E] tensor per requested key, ``index`` [n] (dataset indices of the embedded
+            samples, so skipped samples can be matched) and ``label`` [n] when the data has labels.
+        """
+        chunks: dict[str, list[torch.Tensor]] = {k: [] for k in (*keys, "index", "label")}
+        skipped = 0
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+            skipped += batch["num_bad"]
+            if "image" not in batch:
+                continue
+            outputs = self.image_batch(batch)
+            for key in keys:
+                chunks[key].append(outputs[key].float().cpu())
+            chunks["index"].append(batch["index"])
+            if "label" in batch:
+                chunks["label"].append(batch["label"])
+        if skipped:
+            logger.warning("%s: %d unreadable images were skipped", desc, skipped)
+        return {k: torch.cat(v) for k, v in chunks.items() if v}
+
+    @torch.no_grad()
+    def texts(self, texts: list[str], *, batch_size: int = 256, key: str = "text_features") -> torch.Tensor:
+        """Embed strings; returns [n, E] unit vectors."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer([t.strip() for t in texts[start:start + batch_size]]).to(self.device)
+            out.append(self.model.encode_text_all(tokens)[key].float().cpu())
+        return F.normalize(torch.cat(out), dim=-1)

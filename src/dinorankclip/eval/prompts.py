@@ -1,0 +1,165 @@
+"""Class names and prompt templates for zero-shot classification.
+
+Templates are chosen by an explicit precedence, recorded in every result:
+
+1. ``user``: a template file given by the caller (one template per line, ``{c}`` or ``{}`` marks the class);
+2. ``dataset``: the dataset's own templates from CLIP's published ``prompts.json``;
+3. ``builtin``: :data:`BUILTIN_TEMPLATES` (for datasets CLIP did not publish templates for).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+__all__ = [
+    "BUILTIN_TEMPLATES",
+    "DATASET_ALIASES",
+    "PromptSet",
+    "bundled_prompts_path",
+    "load_classnames",
+    "resolve_prompts",
+]
+
+logger = logging.getLogger(__name__)
+
+# Dataset names used by this package (and CLIP_benchmark) mapped to the keys of CLIP's prompts.json.
+DATASET_ALIASES = {
+    "cifar10": "CIFAR10",
+    "cifar100": "CIFAR100",
+    "stl10": "STL10",
+    "gtsrb": "GTSRB",
+    "flowers102": "Flowers102",
+    "flowers": "Flowers102",
+    "dtd": "DescribableTextures",
+    "fgvc_aircraft": "FGVCAircraft",
+    "aircraft": "FGVCAircraft",
+    "cars": "StanfordCars",
+    "stanford_cars": "StanfordCars",
+    "food101": "Food101",
+    "pets": "OxfordPets",
+    "mnist": "MNIST",
+    "eurosat": "EuroSAT",
+    "sun397": "SUN397",
+    "caltech101": "Caltech101",
+    "country211": "Country211",
+    "imagenet": "ImageNet",
+    "imagenet1k": "ImageNet",
+    "imagenetv2": "ImageNet",
+    "imagenet-v2": "ImageNet",
+    "imagenet_sketch": "ImageNet",
+    "imagenet-sketch": "ImageNet",
+    "imagenet-r": "ImageNet",
+    "imagenet-a": "ImageNet",
+    "objectnet": "ImageNet",
+    "birdsnap": "Birdsnap",
+}
+
+# Datasets without templates in CLIP's prompts.json use a related set, stated here:
+# CUB-200 uses Birdsnap's bird template; SVHN uses CLIP_benchmark's digit template.
+BUILTIN_TEMPLATES = {
+    "cub200": ["a photo of a {c}, a type of bird."],
+    "cub": ["a photo of a {c}, a type of bird."],
+    "svhn": ['a photo of the number: "{c}".'],
+    "default": ["a photo of a {c}.", "a blurry photo of a {c}.", "a photo of the {c}.", "a good photo of a {c}.",
+                "a close-up photo of a {c}.", "a low resolution photo of a {c}."],
+}
+
+
+def bundled_prompts_path() -> Path:
+    """Path of CLIP's prompts.json shipped with the package."""
+    return Path(str(resources.files("dinorankclip") / "sample_data" / "clip_prompts" / "prompts.json"))
+
+
+@lru_cache(maxsize=4)
+def _load_prompts(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def load_classnames(path: str | Path) -> list[str]:
+    """Read one class name per line; line i names label i."""
+    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise ValueError(f"class-name file {path} is empty")
+    return names
+
+
+def _normalise_template(template: str) -> str:
+    """Accept ``{}`` (CLIP's notebooks) or ``{c}`` (CLIP_benchmark) as the class placeholder."""
+    if "{c}" in template:
+        return template
+    if "{}" in template:
+        return template.replace("{}", "{c}")
+    raise ValueError(f"prompt template {template!r} has no class placeholder; write {{c}} where the class goes")
+
+
+@dataclass
+class PromptSet:
+    """Class names (index = label) and templates, with where each came from."""
+
+    classnames: list[str]
+    templates: list[str]
+    template_source: str  # "user", "dataset" or "builtin"
+    classnames_source: str
+
+    def prompts_for(self, label: int) -> list[str]:
+        return [t.format(c=self.classnames[label]) for t in self.templates]
+
+    def duplicate_names(self) -> dict[str, list[int]]:
+        counts = Counter(self.classnames)
+        return {n: [i for i, c in enumerate(self.classnames) if c == n] for n, k in counts.items() if k > 1}
+
+
+def resolve_prompts(
+    dataset: str,
+    *,
+    classnames_file: str | Path | None = None,
+    templates_file: str | Path | None = None,
+    prompts_json: str | Path | None = None,
+) -> PromptSet:
+    """Pick class names and templates for ``dataset``.
+
+    Class names come from ``classnames_file`` when given (the dataset's own ``classnames.txt``), else from
+    CLIP's list. Templates follow the precedence in the module docstring.
+
+    Raises:
+        ValueError: no class names can be found for ``dataset``.
+    """
+    prompts_path = str(prompts_json or bundled_prompts_path())
+    clip = _load_prompts(prompts_path)
+    key = DATASET_ALIASES.get(dataset.lower(), dataset)
+    entry = clip.get(key)
+
+    if classnames_file is not None and Path(classnames_file).is_file():
+        classnames, names_source = load_classnames(classnames_file), str(classnames_file)
+    elif entry is not None:
+        classnames = [c if isinstance(c, str) else c[0] for c in entry["classes"]]
+        names_source = f"{Path(prompts_path).name}:{key}"
+    else:
+        raise ValueError(
+            f"no class names for dataset {dataset!r}: put a classnames.txt next to its labels file, or use a "
+            f"dataset from CLIP's list ({', '.join(sorted(DATASET_ALIASES))})"
+        )
+
+    if templates_file is not None:
+        lines = [line.strip() for line in Path(templates_file).read_text(encoding="utf-8").splitlines()]
+        templates, source = [_normalise_template(t) for t in lines if t], "user"
+        if not templates:
+            raise ValueError(f"template file {templates_file} has no templates")
+    elif entry is not None:
+        templates, source = [_normalise_template(t) for t in entry["templates"]], "dataset"
+    else:
+        templates, source = BUILTIN_TEMPLATES.get(dataset.lower(), BUILTIN_TEMPLATES["default"]), "builtin"
+
+    prompt_set = PromptSet(classnames, templates, source, names_source)
+    for name, labels in prompt_set.duplicate_names().items():
+        logger.warning("Dataset %s: class name %r is shared by labels %s; they stay separate classes",
+                       dataset, name, labels)
+    return prompt_set

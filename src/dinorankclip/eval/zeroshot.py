@@ -1,0 +1,78 @@
+"""Zero-shot classification with a prompt-ensemble classifier built per class index."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .features import Encoder
+from .prompts import PromptSet
+
+__all__ = ["build_classifier", "classification_metrics", "zeroshot_classify"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_classifier(encoder: Encoder, prompts: PromptSet, *, batch_size: int = 256) -> torch.Tensor:
+    """Embed every template for every class and average per class index.
+
+    Returns:
+        [C, E] unit-norm class embeddings; row c belongs to label c, also when two labels share a name.
+    """
+    texts = [p for label in range(len(prompts.classnames)) for p in prompts.prompts_for(label)]
+    embeddings = encoder.texts(texts, batch_size=batch_size)  # [C * T, E]
+    per_class = embeddings.view(len(prompts.classnames), len(prompts.templates), -1).mean(dim=1)
+    return F.normalize(per_class, dim=-1)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Top-1, top-5, mean per-class recall and the chance levels of a uniform random guess.
+
+    Args:
+        logits: [n, C] scores.
+        labels: [n] integer labels in [0, C).
+        num_classes: C (all classes of the classifier, including those without test images).
+    """
+    k = min(5, num_classes)
+    topk = logits.topk(k, dim=-1).indices  # [n, k]
+    hit1 = topk[:, 0] == labels
+    hit5 = (topk == labels[:, None]).any(dim=-1)
+    present = labels.unique()
+    recalls = torch.stack([hit1[labels == c].float().mean() for c in present])
+    return {
+        "top1": hit1.float().mean().item(),
+        "top5": hit5.float().mean().item(),
+        "mean_per_class_recall": recalls.mean().item(),
+        "chance_top1": 1.0 / num_classes,
+        "chance_top5": k / num_classes,
+        "num_images": int(labels.numel()),
+        "num_classes": num_classes,
+        "num_classes_with_images": int(present.numel()),
+    }
+
+
+def zeroshot_classify(encoder: Encoder, loader, prompts: PromptSet, *, name: str = "zeroshot",
+                      batch_size: int = 256) -> dict[str, Any]:
+    """Classify every image of ``loader`` (batches with ``label``) against the prompt classifier.
+
+    Returns:
+        The metrics of :func:`classification_metrics` plus where the class names and templates came from.
+    """
+    classifier = build_classifier(encoder, prompts, batch_size=batch_size)  # [C, E]
+    feats = encoder.images(loader, desc=name)
+    if "image_features" not in feats:
+        raise ValueError(f"{name}: no readable images")
+    labels = feats["label"]
+    if labels.max() >= len(prompts.classnames) or labels.min() < 0:
+        raise ValueError(
+            f"{name}: label {int(labels.max())} is outside the {len(prompts.classnames)} class names; check the "
+            "classnames.txt that goes with the labels file"
+        )
+    logits = feats["image_features"] @ classifier.T
+    metrics = classification_metrics(logits, labels, len(prompts.classnames))
+    metrics.update(templates=prompts.template_source, num_templates=len(prompts.templates),
+                   classnames=prompts.classnames_source)
+    return metrics

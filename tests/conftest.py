@@ -1,0 +1,63 @@
+"""Shared fixtures: real sample data, tiny configs, and an offline Hugging Face hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup without network hangs for ~47 s
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO / "src" / "dinorankclip" / "sample_data"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tiny but real architectures: the bundled 4-layer trunk, a 2-block DINOv3 ViT-S/16 teacher with random
+# weights and a 2-block ViT-Tiny student, at 32 px so one training step takes well under a second.
+TINY_OVERRIDES = [
+    "model.trunk=dinorankclip-tiny",
+    "model.image_size=32",
+    "teacher.name=vit_small_patch16_dinov3",
+    "teacher.weights=random",
+    "teacher.image_size=32",
+    "teacher.blocks=[0, 1]",
+    "teacher.model_kwargs={depth: 2}",
+    "student.model_kwargs={depth: 2}",
+    "fusion.width=64",
+    "fusion.refiner_heads=2",
+    "fusion.gate_hidden=64",
+    "loss.top_k=8",
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "train.steps=2",
+    "train.warmup_steps=1",
+    "train.log_every=1",
+    "train.tensorboard=false",
+    "eval.batch_size=64",
+]
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    return SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"the full sample data folder {SHARED_DATA} is absent (only in the development checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY_OVERRIDES)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.manual_seed(0)
+    yield

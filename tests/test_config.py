@@ -1,0 +1,84 @@
+"""Config schema: presets, dotted overrides and the errors for bad keys and values."""
+
+from __future__ import annotations
+
+import pytest
+
+from dinorankclip.config import Config, ConfigError, config_from_dict, list_presets, load_config
+
+
+def test_presets_load():
+    assert {"tiny-cpu", "rn50-cc3m"} <= set(list_presets())
+    tiny = load_config("tiny-cpu")
+    assert tiny.model.trunk == "dinorankclip-tiny"
+    assert tiny.loss.order == 3
+    paper = load_config("rn50-cc3m")
+    assert paper.model.trunk == "RN50"
+    assert paper.teacher.name == "vit_base_patch16_dinov3"
+
+
+def test_overrides_typed():
+    cfg = load_config("tiny-cpu", ["loss.order=2", "train.lr=1e-3", "teacher.blocks=[1, 3]", "train.grad_clip=null",
+                                   "data.augment=false", "eval.zeroshot.cifar10=a.csv", "teacher.model_kwargs.depth=2"])
+    assert cfg.loss.order == 2
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.teacher.blocks == [1, 3]
+    assert cfg.train.grad_clip is None
+    assert cfg.data.augment is False
+    assert cfg.eval.zeroshot == {"cifar10": "a.csv"}
+    assert cfg.teacher.model_kwargs == {"depth": 2}
+
+
+def test_order_defaults_per_method():
+    assert load_config(None, ["loss.name=clip"]).loss.order == 0
+    assert load_config(None, ["loss.name=rankclip"]).loss.order == 1
+    assert load_config(None, ["loss.name=dinorankclip"]).loss.order == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("loss.ordr=3", "loss.ordr"),
+        ("lossx.order=3", "lossx"),
+        ("loss.order=9", "loss.order=9"),
+        ("fusion.variant=full_gate", "no_pyramid"),
+        ("train.lr=fast", "train.lr='fast'"),
+        ("train.batch_size=0", "train.batch_size=0"),
+        ("loss.name=rankclip loss.order=3", None),
+        ("train.precision=fp8", "bf16"),
+    ],
+)
+def test_bad_override_names_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny-cpu", override.split())
+    if fragment is not None:
+        assert fragment in str(err.value)
+
+
+def test_rankclip_order_conflict_message():
+    with pytest.raises(ConfigError, match="loss.name=dinorankclip to choose the order"):
+        load_config(None, ["loss.name=rankclip", "loss.order=3"])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config(path)
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["loss.order"])
+
+
+def test_missing_config_file_lists_presets():
+    with pytest.raises(ConfigError, match="tiny-cpu"):
+        load_config("no-such-preset")
+
+
+def test_roundtrip_through_dict():
+    cfg = load_config("tiny-cpu", ["loss.top_k=16"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+    assert isinstance(again, Config)
