@@ -120,7 +120,8 @@ class CaptionDataset(Dataset):
             keys[second_caption_column] = "data.second_caption_column"
         rows = read_table(self.path, columns, separator=separator, config_keys=keys)
         root = self.path.parent
-        self.files = [str(root / row[filepath_column]) for row in rows]
+        self.keys = [row[filepath_column] for row in rows]
+        self.files = [str(root / key) for key in self.keys]
         self.captions = [row[caption_column] or "" for row in rows]
         self.captions2 = [row[second_caption_column] or "" for row in rows] if second_caption_column else None
         self.transform = transform
@@ -142,6 +143,7 @@ class CaptionDataset(Dataset):
         if self.captions2 is not None:
             sample["text2"] = self.tokenizer([self.captions2[index].strip()])[0]
         sample["index"] = index
+        sample["key"] = self.keys[index]
         return sample
 
 
@@ -188,7 +190,8 @@ def collate_samples(samples: list[dict[str, Any] | BadSample]) -> dict[str, Any]
 
     Returns:
         A dict with the stacked tensors of the good samples (``image``, ``teacher_view``, ``text``, ...),
-        ``index`` [B], ``num_bad`` (int) and ``bad`` (list of :class:`BadSample`).
+        ``index`` [B], ``key`` (list of B sample keys: the image path as written in the table),
+        ``num_bad`` (int), ``num_samples`` (int, good and bad) and ``bad`` (list of :class:`BadSample`).
     """
     good = [s for s in samples if not isinstance(s, BadSample)]
     bad = [s for s in samples if isinstance(s, BadSample)]
@@ -196,5 +199,10 @@ def collate_samples(samples: list[dict[str, Any] | BadSample]) -> dict[str, Any]
     if good:
         for key in good[0]:
             values = [s[key] for s in good]
-            batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else torch.tensor(values)
+            if torch.is_tensor(values[0]):
+                batch[key] = torch.stack(values)
+            elif isinstance(values[0], str):
+                batch[key] = values
+            else:
+                batch[key] = torch.tensor(values)
     return batch

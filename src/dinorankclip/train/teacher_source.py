@@ -26,10 +26,13 @@ class OnlineTeacher:
                 "or a Hugging Face folder), teacher.cache=<folder>, or teacher.weights=random for tests"
             )
         self.teacher = build_teacher(
-            cfg.teacher.name, cfg.teacher.weights, blocks=tuple(cfg.teacher.blocks), **cfg.teacher.model_kwargs
+            cfg.teacher.name,
+            cfg.teacher.weights,
+            blocks=tuple(cfg.teacher.blocks),
+            autocast_bf16=cfg.teacher.autocast,
+            **cfg.teacher.model_kwargs,
         ).to(device)
         self.device = device
-        self.autocast = cfg.teacher.autocast and device.type == "cuda"
         patch = self.teacher.patch_size
         height, width = teacher_input_size(cfg.teacher.image_size, cfg.teacher.image_size, patch)
         if height != width:
@@ -43,9 +46,7 @@ class OnlineTeacher:
         )
 
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
-        view = batch["teacher_view"].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.teacher(view)
+        return self.teacher(batch["teacher_view"].to(self.device, non_blocking=True))
 
 
 def build_teacher_source(cfg: Config, device: torch.device) -> tuple[OnlineTeacher | None, TeacherGeometry | None]:
