@@ -1,0 +1,138 @@
+"""Order-R Plackett-Luce ranking consistency over RankCLIP's four lists.
+
+With C = s·U Vᵀ, A = s·U Uᵀ and B = s·V Vᵀ, each row of a score matrix is ranked by the matching row
+of another matrix (the target, used only as an order):
+
+- cross-modal: rows of C ranked by rows of Cᵀ, and rows of Cᵀ ranked by rows of C;
+- in-modal: rows of A ranked by rows of B, and rows of B ranked by rows of A.
+
+Order 1 is RankCLIP's ListMLE. Orders 2..4 add the transition terms of ``transition.py``, whose
+scales start at 0, so every order starts exactly at the order below. Order 0 means no ranking term
+(plain CLIP) and gives a zero loss.
+
+Normalisation: each list's loss is the per-row NLL divided by the number of modelled positions K,
+then averaged over rows, i.e. the mean NLL per ranked position. It is of order log N, like a
+cross-entropy. ``L_cross`` and ``L_in`` are each the mean of their two directions, and the module
+returns L_cross + L_in.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .plackett_luce import _check_top_k, descending_order, plackett_luce_nll
+from .transition import MAX_ORDER, TransitionHeads, transition_nll
+
+__all__ = ["RankingLoss", "rank_weight_at"]
+
+
+def rank_weight_at(progress: float, rank_weight: float, warmup_fraction: float) -> float:
+    """Return the ranking weight at ``progress`` (step / total steps) of a linear ramp from 0.
+
+    The weight rises linearly from 0 to ``rank_weight`` over the first ``warmup_fraction`` of
+    training and stays there, as RankCLIP's schedule does.
+    """
+    if warmup_fraction <= 0:
+        return rank_weight
+    return rank_weight * min(max(progress / warmup_fraction, 0.0), 1.0)
+
+
+class RankingLoss(nn.Module):
+    """Summed cross-modal and in-modal Plackett-Luce ranking loss of order R.
+
+    Args:
+        order: Plackett-Luce order R in 0..4 (0: no ranking term, 1: RankCLIP, ≥2: transitions).
+        embed_dim: width E of the image and text features.
+        top_k: number of modelled positions K of each target ranking (None: all N).
+        heads: heads per transition order.
+        head_dim: width of each transition head.
+        detach: stop gradients from the transition terms into the features they read.
+    """
+
+    def __init__(
+        self,
+        order: int,
+        embed_dim: int,
+        top_k: int | None = None,
+        *,
+        heads: int = 1,
+        head_dim: int = 32,
+        detach: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
+            raise ValueError(f"order must be an int in 0..{MAX_ORDER}, got {order!r}")
+        _check_top_k(top_k, 1)
+        self.order = order
+        self.top_k = top_k
+        self.detach = detach
+        self.transition = TransitionHeads(order, embed_dim, heads=heads, head_dim=head_dim) if order >= 2 else None
+
+    def list_losses(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        *,
+        all_image_features: Tensor | None = None,
+        all_text_features: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Return (L_cross, L_in), each the mean of its two lists' per-position NLL.
+
+        Args:
+            image_features: [B, E] L2-normalised image features (this rank's rows).
+            text_features: [B, E] L2-normalised text features (this rank's rows).
+            logit_scale: scalar, already exponentiated.
+            all_image_features: [N, E] all ranks' image features (None in a single process).
+            all_text_features: [N, E] all ranks' text features (None in a single process).
+        """
+        if (all_image_features is None) != (all_text_features is None):
+            raise ValueError("all_image_features and all_text_features must be given together or not at all")
+        img_cols = image_features if all_image_features is None else all_image_features
+        txt_cols = text_features if all_text_features is None else all_text_features
+        if self.order == 0:
+            zero = image_features.new_zeros(()).float()
+            return zero, zero
+        cross_img = logit_scale * image_features @ txt_cols.T  # [B, N]: image rows over texts
+        cross_txt = logit_scale * text_features @ img_cols.T  # [B, N]: text rows over images
+        in_img = logit_scale * image_features @ img_cols.T  # [B, N]
+        in_txt = logit_scale * text_features @ txt_cols.T  # [B, N]
+        # (scores, target scores, candidate embeddings)
+        lists = (
+            (cross_img, cross_txt, txt_cols),
+            (cross_txt, cross_img, img_cols),
+            (in_img, in_txt, img_cols),
+            (in_txt, in_img, txt_cols),
+        )
+        losses = [self._list_loss(scores, target, cand) for scores, target, cand in lists]
+        return 0.5 * (losses[0] + losses[1]), 0.5 * (losses[2] + losses[3])
+
+    def _list_loss(self, scores: Tensor, target_scores: Tensor, candidates: Tensor) -> Tensor:
+        order = descending_order(target_scores, self.top_k)
+        num_pos = order.shape[1]
+        if self.transition is None:
+            nll = plackett_luce_nll(scores, order)
+        else:
+            cand = candidates.detach() if self.detach else candidates
+            queries, keys = self.transition.lag_factors(cand)
+            nll = transition_nll(scores, order, queries, keys)
+        return nll.mean() / num_pos
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        *,
+        all_image_features: Tensor | None = None,
+        all_text_features: Tensor | None = None,
+    ) -> Tensor:
+        """Return L_cross + L_in (see ``list_losses``)."""
+        cross, inmodal = self.list_losses(
+            image_features,
+            text_features,
+            logit_scale,
+            all_image_features=all_image_features,
+            all_text_features=all_text_features,
+        )
+        return cross + inmodal
