@@ -52,9 +52,10 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture
-def tiny_overrides() -> list[str]:
-    return list(TINY_OVERRIDES)
+@pytest.fixture(scope="session")
+def tiny_overrides() -> tuple[str, ...]:
+    """Overrides for a tiny real model; a tuple, so tests extend it with ``+ (...)`` or ``list(...)``."""
+    return tuple(TINY_OVERRIDES)
 
 
 @pytest.fixture(autouse=True)

@@ -52,18 +52,11 @@ def test_classification_metrics_known_answer():
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_overrides_module):
-    cfg = load_config(None, tiny_overrides_module + ["fusion.variant=none"])
+def encoder(tiny_overrides):
+    cfg = load_config(None, list(tiny_overrides) + ["fusion.variant=none"])
     torch.manual_seed(0)
     model = build_model(cfg, None)
     return Encoder(model, build_tokenizer(model.spec), torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def tiny_overrides_module():
-    from conftest import TINY_OVERRIDES
-
-    return list(TINY_OVERRIDES)
 
 
 def test_duplicate_class_names_stay_separate(tmp_path, encoder, caplog):

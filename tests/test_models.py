@@ -16,7 +16,7 @@ GEOMETRY = TeacherGeometry(dim=48, grid=(2, 2), blocks=(0, 1), depth=2, image_si
 
 
 def _model(overrides, *extra):
-    cfg = load_config(None, overrides + list(extra))
+    cfg = load_config(None, list(overrides) + list(extra))
     torch.manual_seed(0)
     return build_model(cfg, GEOMETRY).eval(), cfg
 

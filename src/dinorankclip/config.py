@@ -153,16 +153,16 @@ class LossConfig:
 
     name: Literal["clip", "cyclip", "alip", "rankclip", "dinorankclip"] = "dinorankclip"
     order: int | None = None  # R; None means the method's own: clip/cyclip/alip 0, rankclip 1, dinorankclip 3
-    rank_weight: float = 0.25  # lambda_rank, reached after the ramp
-    rank_warmup_fraction: float = 0.1  # fraction of training over which the ranking weight ramps up from 0
+    rank_weight: float = 0.125  # lambda_rank, reached after the ramp (RankCLIP's weight in per-position units)
+    rank_warmup_fraction: float = 2 / 3  # fraction of training over which the ranking weight ramps up from 0
     top_k: int | None = None  # model only the first K positions of each target ranking
-    transition_heads: int = 4
+    transition_heads: int = 1
     transition_head_dim: int = 32
     transition_detach: bool = False  # stop gradients into the transition heads' inputs
     gram_weight: float = 1.0
     relational_weight: float = 1.0
     text_align_weight: float = 1.0
-    gate_l1_weight: float = 1e-3
+    gate_l1_weight: float = 0.01
     cyclip_in_modal: float = 0.25
     cyclip_cross_modal: float = 0.25
     alip_ema: float = 0.99

@@ -19,12 +19,23 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 COMMANDS = [train_cmd, eval_cmd, demo_cmd, config_cmd]
 
 
+class _DropOpenClipNoise(logging.Filter):
+    """Hide open_clip's warning for models built without pretrained weights: training from scratch is the
+    normal case here, and ``model.pretrained`` loads weights explicitly."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
 def _setup_logging(verbose: bool) -> None:
+    """Log this package at INFO (DEBUG with -v) on rank 0 and WARNING elsewhere; other libraries at WARNING."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropOpenClipNoise())
     level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("PIL").setLevel(logging.WARNING)
+    logging.getLogger("dinorankclip").setLevel(level if rank == 0 else logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
