@@ -93,6 +93,9 @@ class TeacherConfig:
     blocks: list[int] = field(default_factory=lambda: [-4, -1])  # blocks whose patch tokens are used
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (e.g. depth for tiny tests)
     cache: str | None = None  # teacher feature cache folder; when set the teacher is never built
+    # With a cache, keep data.augment's random crops. Off by default: cached features belong to the centre crop,
+    # so random crops would pair the student's view with targets of another crop.
+    cache_augment: bool = False
     autocast: bool = True  # bf16 autocast for the teacher on CUDA
 
     def __post_init__(self) -> None:

@@ -1,8 +1,14 @@
-"""Where training gets teacher features from: the frozen teacher run online on each batch."""
+"""Teacher feature sources for training: the frozen teacher run on each batch, or a feature cache.
+
+Both sources are callables from a batch to a ``TeacherOutput`` and carry the ``TeacherGeometry`` that the
+student and fusion are built for. With ``teacher.cache`` set the teacher is never built: features are read by
+sample key, and the teacher space is the cache's PCA space (``geometry.dim`` is the PCA width).
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,14 +16,31 @@ import torch
 from ..config import Config
 from ..models.dinorankclip import TeacherGeometry
 from ..teacher import TeacherOutput, build_teacher, teacher_input_size
+from ..teacher.cache import TeacherCache, TeacherCacheError, check_cache_matches, project_output
 
-__all__ = ["OnlineTeacher", "build_teacher_source"]
+__all__ = ["CachedTeacher", "OnlineTeacher", "build_teacher_source"]
 
 logger = logging.getLogger(__name__)
 
+# Keys listed in the error for training data that the cache lacks.
+MAX_KEYS_IN_MESSAGE = 5
+
 
 class OnlineTeacher:
-    """Run the frozen DINOv3 teacher on ``batch["teacher_view"]`` at every step."""
+    """Run the frozen DINOv3 teacher on ``batch["teacher_view"]`` at every step.
+
+    ``teacher.cache`` is set when evaluating a model that was trained on cached features and injects teacher
+    tokens. The teacher must then match the cache, and its tokens are projected with the cache's PCA, so the model
+    receives the feature space it was trained on.
+
+    Attributes:
+        geometry: the teacher space's shape facts.
+        needs_teacher_view: True; the source reads ``batch["teacher_view"]``.
+        needs_center_crop: False; any crop works because the teacher sees the same view as the student.
+    """
+
+    needs_teacher_view = True
+    needs_center_crop = False
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         if cfg.teacher.weights is None:
@@ -25,6 +48,11 @@ class OnlineTeacher:
                 "teacher.weights is not set; give a local DINOv3 weights file (Meta .pth, timm .safetensors/.pth "
                 "or a Hugging Face folder), teacher.cache=<folder>, or teacher.weights=random for tests"
             )
+        self.pca = None
+        if cfg.teacher.cache is not None:
+            cache = TeacherCache(cfg.teacher.cache)
+            check_cache_matches(cache.manifest, cfg.teacher, cache_dir=cache.path)
+            self.pca = {name: basis.to(device) for name, basis in cache.pca.items()}
         self.teacher = build_teacher(
             cfg.teacher.name,
             cfg.teacher.weights,
@@ -38,7 +66,7 @@ class OnlineTeacher:
         if height != width:
             raise ValueError(f"teacher.image_size={cfg.teacher.image_size} maps to a non-square input {height}x{width}")
         self.geometry = TeacherGeometry(
-            dim=self.teacher.embed_dim,
+            dim=self.teacher.embed_dim if self.pca is None else cache.dim,
             grid=(height // patch, width // patch),
             blocks=tuple(self.teacher.blocks),
             depth=self.teacher.num_blocks,
@@ -46,13 +74,86 @@ class OnlineTeacher:
         )
 
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
-        return self.teacher(batch["teacher_view"].to(self.device, non_blocking=True))
+        output = self.teacher(batch["teacher_view"].to(self.device, non_blocking=True))
+        return output if self.pca is None else project_output(output, self.pca)
 
 
-def build_teacher_source(cfg: Config, device: torch.device) -> tuple[OnlineTeacher | None, TeacherGeometry | None]:
+class CachedTeacher:
+    """Read precomputed teacher features for ``batch["key"]`` from a cache written by ``teacher-cache``.
+
+    The teacher is never built. The cache must come from the configured teacher (name, timm arguments, weights,
+    image size, blocks), and, when the training data is a table, must hold every key of it.
+
+    Attributes:
+        cache: the open cache.
+        geometry: the teacher space's shape facts, with ``dim`` the PCA width.
+        needs_teacher_view: False; the source reads only the sample keys.
+        needs_center_crop: True unless ``teacher.cache_augment``: the cached features belong to the centre
+            crop, so the training views should be that crop too.
+    """
+
+    needs_teacher_view = False
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cache = TeacherCache(cfg.teacher.cache)
+        check_cache_matches(self.cache.manifest, cfg.teacher, cache_dir=self.cache.path)
+        self.device = device
+        self.needs_center_crop = not cfg.teacher.cache_augment
+        self.geometry = TeacherGeometry(
+            dim=self.cache.dim,
+            grid=self.cache.grid,
+            blocks=self.cache.blocks,
+            depth=self.cache.depth,
+            image_size=self.cache.image_size,
+        )
+        if cfg.data.train is not None and Path(cfg.data.train).suffix.lower() in (".csv", ".tsv", ".tab"):
+            self.check_table_keys(cfg)
+
+    def check_table_keys(self, cfg: Config) -> None:
+        """Raise unless every image key of the training table is in the cache, before training starts."""
+        from ..data.csv_dataset import read_table
+
+        rows = read_table(cfg.data.train, [cfg.data.filepath_column], separator=cfg.data.separator)
+        missing = self.cache.missing_keys(row[cfg.data.filepath_column] for row in rows)
+        if missing:
+            listed = ", ".join(repr(key) for key in missing[:MAX_KEYS_IN_MESSAGE])
+            more = f" and {len(missing) - MAX_KEYS_IN_MESSAGE} more" if len(missing) > MAX_KEYS_IN_MESSAGE else ""
+            raise TeacherCacheError(
+                f"teacher cache {self.cache.path} lacks {len(missing)} image keys of data.train={cfg.data.train}: "
+                f"{listed}{more}. Rebuild the cache with dinorankclip teacher-cache --data {cfg.data.train}"
+            )
+
+    def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
+        output = self.cache.lookup(batch["key"])
+        levels = tuple(level.to(self.device, non_blocking=True) for level in output.patch_levels)
+        return TeacherOutput(
+            cls=output.cls.to(self.device, non_blocking=True),
+            patch=levels[-1],
+            patch_levels=levels,
+            grid_size=output.grid_size,
+        )
+
+
+def build_teacher_source(
+    cfg: Config, device: torch.device
+) -> tuple[OnlineTeacher | CachedTeacher | None, TeacherGeometry | None]:
     """Return the teacher feature source and the teacher geometry, or (None, None) without injection."""
     if not cfg.needs_teacher:
         return None, None
+    if cfg.teacher.cache is not None:
+        source: OnlineTeacher | CachedTeacher = CachedTeacher(cfg, device)
+        logger.info(
+            "Teacher features from the cache %s (%d images): PCA width %d, grid %s, blocks %s; the teacher is not "
+            "built", source.cache.path, len(source.cache), source.geometry.dim, source.geometry.grid,
+            source.geometry.blocks,
+        )
+        if cfg.data.augment and source.needs_center_crop:
+            logger.warning(
+                "teacher.cache is set, so training views are the centre crop that the cached features were "
+                "computed on, and data.augment's random crops are off; set teacher.cache_augment=true to keep them "
+                "(the student then sees a different crop from its targets)"
+            )
+        return source, source.geometry
     source = OnlineTeacher(cfg, device)
     logger.info("Teacher %s online: width %d, grid %s, blocks %s", cfg.teacher.name, source.geometry.dim,
                 source.geometry.grid, source.geometry.blocks)

@@ -93,12 +93,14 @@ def train(cfg: Config) -> dict[str, Any]:
     model = build_model(cfg, geometry).to(device)
     objective = Objective(cfg.loss, model.spec.embed_dim).to(device)
     tokenizer = build_tokenizer(model.spec)
+    # The teacher view feeds the student and an online teacher; a cache with teacher injection needs none.
+    needs_view = geometry is not None and (model.student_image is not None or teacher.needs_teacher_view)
     views = PairedViews(
         image_size=model.spec.image_size,
         mean=model.spec.image_mean,
         std=model.spec.image_std,
-        teacher_size=geometry.image_size if geometry is not None else None,
-        train=cfg.data.augment,
+        teacher_size=geometry.image_size if needs_view else None,
+        train=cfg.data.augment and not (teacher is not None and teacher.needs_center_crop),
     )
     dataset = CaptionDataset(
         cfg.data.train,
