@@ -141,8 +141,12 @@ class DinoRankCLIP(nn.Module):
                 raise ValueError("fusion.injection_source='teacher' needs teacher tokens at every forward")
             levels = teacher_levels
         fused, gate, residual = self.fusion(z_clip, levels)
-        out.update(image_features=fused, image_gate=gate, image_residual=residual)
+        out.update(image_features=fused, image_gate=self._gate_output(gate), image_residual=residual)
         return out
+
+    def _gate_output(self, gate: torch.Tensor) -> torch.Tensor | None:
+        # The no_gate variant's g is the constant 1; reporting None keeps a constant out of the gate L1 penalty.
+        return gate if self.fusion.gate.enabled else None
 
     def encode_text_all(self, text: torch.Tensor) -> dict[str, Any]:
         """Encode token ids [B, L] and return every text-side output (see :meth:`forward`)."""
@@ -154,7 +158,7 @@ class DinoRankCLIP(nn.Module):
             return out
         text_student = self.student_text(t_clip)
         fused, gate = self.fusion.gate(t_clip, self.text_residual(text_student))
-        out.update(text_features=fused, text_gate=gate, text_student=text_student)
+        out.update(text_features=fused, text_gate=self._gate_output(gate), text_student=text_student)
         return out
 
     def encode_image(self, image, teacher_view=None, teacher_levels=None) -> torch.Tensor:
@@ -184,7 +188,8 @@ class DinoRankCLIP(nn.Module):
         Returns:
             A dict with ``image_features``, ``text_features`` (fused, unit norm, [B, E]),
             ``clip_image_features``, ``clip_text_features`` (trunk, unit norm), ``logit_scale`` (clamped),
-            ``image_gate``/``text_gate`` ([B, E] or None), ``image_residual`` ([B, E] or None),
+            ``image_gate``/``text_gate`` ([B, E]; None without fusion or with the ``no_gate`` variant),
+            ``image_residual`` ([B, E] or None),
             ``student_patch_levels`` (S x [B, P, Dt] or None), ``student_global`` ([B, Dt] or None) and
             ``text_student`` ([B, Dt] or None).
         """

@@ -133,9 +133,10 @@ class MultiScaleFusion(nn.Module):
         for proj, level in zip(self.in_proj, levels, strict=True):
             if level.shape[1] != h * w:
                 raise ValueError(f"fusion expected {h}x{w}={h * w} tokens per grid, got {level.shape[1]}")
-            fmap = proj(level).transpose(1, 2).reshape(level.shape[0], -1, h, w)  # [B, W, h, w]
-            for size in self.pyramid:
-                pooled.append(F.adaptive_avg_pool2d(fmap, size).flatten(2).transpose(1, 2))  # [B, size^2, W]
+            fmap = level.transpose(1, 2).reshape(level.shape[0], -1, h, w)  # [B, Dt, h, w]
+            # Average pooling commutes with the affine projection, so pooling first projects M tokens, not P.
+            level_tokens = [F.adaptive_avg_pool2d(fmap, size).flatten(2) for size in self.pyramid]  # [B, Dt, size^2]
+            pooled.append(proj(torch.cat(level_tokens, dim=2).transpose(1, 2)))  # [B, sum size^2, W]
         return torch.cat(pooled, dim=1) + self.pos_embed
 
     def residual(self, levels: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:

@@ -79,6 +79,9 @@ class StudentImageBranch(nn.Module):
                     f"student.blocks has {len(blocks)} entries but teacher.blocks has {len(teacher_blocks)}; "
                     "give one student block per teacher block"
                 )
+        # Blocks past the deepest paired one never reach an output: dropping them saves their compute and leaves
+        # no parameter without gradient (which DistributedDataParallel rejects).
+        self.vit.prune_intermediate_layers(blocks, prune_norm=False, prune_head=True)
         self.blocks = blocks
         self.teacher_grid = tuple(teacher_grid)
         width = self.vit.embed_dim
@@ -94,11 +97,15 @@ class StudentImageBranch(nn.Module):
             images: [B, 3, H, W] in [0, 1], not normalised.
 
         Returns:
-            ``patch_levels``: one [B, P, Dt] tensor per level on the teacher's grid, and
-            ``global_feature``: [B, Dt] from the mean of the last level's tokens.
+            ``patch_levels``: one [B, P, Dt] tensor per level on the teacher's grid, each projected from the
+            student's LayerNorm-ed tokens of its block, and ``global_feature``: [B, Dt] from the mean of the last
+            level's tokens.
         """
         x = (images - self.mean) / self.std
-        feats = self.vit.forward_intermediates(x, indices=self.blocks, output_fmt="NCHW", intermediates_only=True)
+        # norm=True applies the final LayerNorm to every level, as the teacher's tokens are.
+        feats = self.vit.forward_intermediates(
+            x, indices=self.blocks, norm=True, output_fmt="NCHW", intermediates_only=True
+        )
         levels = []
         for proj, fmap in zip(self.proj, feats, strict=True):
             # fmap: [B, C, h, w] -> pooled to the teacher grid -> [B, P, C]
