@@ -167,7 +167,8 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         save_model(tmp / "model.safetensors", model, cfg)
-        objective_state = {k: v.detach().to("cpu").contiguous() for k, v in clean_state_dict(objective.state_dict()).items()}
+        objective_state = clean_state_dict(objective.state_dict())
+        objective_state = {k: v.detach().to("cpu").contiguous() for k, v in objective_state.items()}
         save_file(objective_state, str(tmp / "objective.safetensors"))
         trainer = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states}
         torch.save(trainer, tmp / "trainer.pt")
@@ -208,7 +209,9 @@ def load_checkpoint(
     model_state = clean_state_dict(load_file(str(path / "model.safetensors")))
     missing, unexpected = model.load_state_dict(model_state, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"{path}: model weights do not match this config; missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"{path}: model weights do not match this config; missing {missing}, unexpected {unexpected}"
+        )
     objective_state = clean_state_dict(load_file(str(path / "objective.safetensors")))
     missing, unexpected = objective.load_state_dict(objective_state, strict=False)
     if missing or unexpected:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import signal
 import subprocess
@@ -191,8 +190,11 @@ class _Run:
 
         forward: torch.nn.Module = TrainForward(self.model)
         if ctx.enabled:
+            # NOTE: find_unused_parameters because some configurations leave parameters without gradient
+            # (the student ViT's final norm, whose output the student never reads); without it DDP would
+            # never reduce their bucket and fail on the next step.
             forward = torch.nn.parallel.DistributedDataParallel(
-                forward, device_ids=[device.index] if device.type == "cuda" else None)
+                forward, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
         if cfg.train.compile:
             forward = torch.compile(forward)
         self.runner = StepRunner(
@@ -277,7 +279,8 @@ class _Run:
     def _nonfinite(self, terms: dict[str, torch.Tensor]) -> None:
         self.nonfinite_total += 1
         self.nonfinite_in_row += 1
-        values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1)
+        scalars = {k: float(v.detach()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
+        values = ", ".join(f"{k}={v:.4g}" for k, v in scalars.items())
         logger.warning("Step %d: non-finite loss or gradient, update skipped (%d in a row); %s", self.step + 1,
                        self.nonfinite_in_row, values)
         if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
@@ -335,6 +338,38 @@ class _Run:
             out["memory_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         writer.write(self.step, {k: v for k, v in out.items() if v is not None})
 
+    def _train_on(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """Take one optimiser step on ``batch``.
+
+        Returns:
+            The step's values to log (loss terms, lr, gradient norm, logit scale, mean gate), or None when
+            the loss or the gradient was non-finite and the update was skipped.
+        """
+        cfg = self.cfg
+        counts = self.counters.record(batch)
+        seen_terms: dict[str, torch.Tensor] = {}
+
+        def on_loss(terms: dict[str, torch.Tensor]) -> bool:
+            seen_terms.update(terms)
+            return self._agree(terms, counts)
+
+        result = self.runner.forward_backward(batch, progress=self.step / max(1, self.total_steps), on_loss=on_loss)
+        if result is not None:
+            terms, outputs = result
+            lr = cfg.train.lr * lr_factor(self.step, warmup_steps=cfg.train.warmup_steps, total_steps=self.total_steps,
+                                          min_ratio=cfg.train.min_lr_ratio)
+            grad_norm, applied = self.runner.apply(lr)
+            if applied:
+                self.nonfinite_in_row = 0
+                record = {k: v.detach() for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
+                record.update(grad_norm=grad_norm, lr=torch.tensor(lr), logit_scale=outputs["logit_scale"].detach())
+                if outputs.get("image_gate") is not None:
+                    record["gate_mean"] = outputs["image_gate"].detach().float().mean()
+                return record
+        self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite(seen_terms)
+        return None
+
     def run(self) -> dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
         writer = MetricsWriter(self.run_dir, tensorboard=cfg.train.tensorboard) if ctx.is_main else None
@@ -351,38 +386,15 @@ class _Run:
                 fetch_start = time.perf_counter()
                 batch = next(self.data)
                 window["data_time"] += time.perf_counter() - fetch_start
-                counts = self.counters.record(batch)
-                last_terms: dict[str, torch.Tensor] = {}
-
-                def on_loss(terms: dict[str, torch.Tensor], counts: torch.Tensor = counts) -> bool:
-                    last_terms.update(terms)
-                    return self._agree(terms, counts)
-
-                result = self.runner.forward_backward(batch, progress=self.step / max(1, self.total_steps),
-                                                      on_loss=on_loss)
-                applied = False
-                if result is not None:
-                    terms, outputs = result
-                    lr = cfg.train.lr * lr_factor(self.step, warmup_steps=cfg.train.warmup_steps,
-                                                  total_steps=self.total_steps, min_ratio=cfg.train.min_lr_ratio)
-                    grad_norm, applied = self.runner.apply(lr)
-                if not applied:
-                    self.runner.optimizer.zero_grad(set_to_none=True)
-                    self._nonfinite(last_terms)
-                else:
-                    self.nonfinite_in_row = 0
+                record = self._train_on(batch)
+                if record is not None:
                     self.step += 1
                     steps_this_run += 1
                     window["samples"] += batch["image"].shape[0] * ctx.world_size
                     progress.update(1)
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                        record = {k: v for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
-                        record.update(grad_norm=grad_norm, lr=torch.tensor(lr),
-                                      logit_scale=outputs["logit_scale"].detach())
-                        if outputs.get("image_gate") is not None:
-                            record["gate_mean"] = outputs["image_gate"].detach().float().mean()
                         self._log(writer, record, window)
-                        progress.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}", lr=f"{lr:.2e}")
+                        progress.set_postfix(loss=f"{float(record['loss']):.3f}", lr=f"{float(record['lr']):.2e}")
                         window = {"start": time.perf_counter(), "samples": 0.0, "data_time": 0.0}
                     self._fit_time_budget(steps_this_run, started)
                     progress.total = self.total_steps
