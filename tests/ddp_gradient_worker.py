@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import SAMPLE_DATA, TINY_OVERRIDES  # noqa: E402
+from train_helpers import SAMPLE_DATA, TINY_OVERRIDES  # noqa: E402
 
 from dinorankclip.config import load_config  # noqa: E402
 from dinorankclip.data.csv_dataset import CaptionDataset, collate_samples  # noqa: E402
@@ -48,7 +48,8 @@ def step_gradients(ctx, accum: int, overrides: list[str]) -> dict[str, torch.Ten
         forward = torch.nn.parallel.DistributedDataParallel(forward, find_unused_parameters=True)
     runner = StepRunner(model=model, forward=forward, objective=objective, teacher=teacher, optimizer=optimizer,
                         scaler=torch.amp.GradScaler("cpu", enabled=False), ctx=ctx, image_mean=model.spec.image_mean,
-                        image_std=model.spec.image_std, precision="fp32", accum_steps=accum)
+                        image_std=model.spec.image_std, precision="fp32", accum_steps=accum,
+                        second_text=cfg.loss.name == "alip")
     views = PairedViews(image_size=model.spec.image_size, mean=model.spec.image_mean, std=model.spec.image_std,
                         teacher_size=geometry.image_size if geometry is not None else None, train=True,
                         output_uint8=True)

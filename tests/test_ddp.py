@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_OVERRIDES
 from ddp_gradient_worker import single_process_gradients
-from shard_helpers import one_thread, write_good_shard  # noqa: F401
 from test_train_step import assert_same_gradients
+from train_helpers import REPO, TINY_OVERRIDES, one_thread, write_good_shard  # noqa: F401
 
 from dinorankclip.config import load_config
 from dinorankclip.train.distributed import detect_launcher, init_distributed

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from PIL import Image, ImageOps
-from shard_helpers import one_thread  # noqa: F401
+from train_helpers import one_thread  # noqa: F401
 
 from dinorankclip.config import load_config
 from dinorankclip.data.csv_dataset import CaptionDataset
@@ -137,7 +137,7 @@ def test_exif_orientation_same_in_training_eval_and_teacher(tmp_path):
                                  caption=CaptionSpec.parse("txt"))(record)
     for sample in (train_sample, eval_sample, shard_sample):
         assert torch.equal(sample["image"], expected["image"])
-        assert torch.equal(sample["teacher_view"], expected["teacher_view"])  # the teacher sees the same pixels
+        assert torch.equal(sample["teacher_view"], expected["teacher_view"])  # the teacher gets the same pixels
 
 
 def test_exif_switch_off_keeps_stored_orientation(tmp_path):

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from shard_helpers import one_thread  # noqa: F401
+from train_helpers import REPO, one_thread  # noqa: F401
 
 from dinorankclip.config import load_config
 from dinorankclip.data.pack import pack_shards

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from ddp_gradient_worker import single_process_gradients as gradients
-from shard_helpers import one_thread  # noqa: F401
+from train_helpers import one_thread  # noqa: F401
 
 from dinorankclip.config import load_config
 from dinorankclip.train.trainer import NonFiniteLossError, train
@@ -52,3 +52,14 @@ def test_nonfinite_losses_stop_with_step_and_terms(tmp_path, tiny_overrides, sam
     assert "clip=nan" in message
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1]
+
+
+def test_time_budget_shortens_schedule(tmp_path, tiny_overrides, sample_data):
+    cfg = load_config(None, list(tiny_overrides) + [
+        "fusion.variant=none", f"data.train={sample_data / 'flickr8k' / 'train.csv'}", "train.steps=50",
+        "train.time_budget_minutes=0.001", f"train.output_dir={tmp_path / 'run'}",
+    ])
+    summary = train(cfg)
+    # The budget is spent after the 8 measured steps, so the schedule ends one step later.
+    assert summary["total_steps"] == 9
+    assert summary["steps"] == 9

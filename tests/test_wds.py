@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 import torch
-from shard_helpers import BAD_MEMBERS, one_thread, write_bad_shard, write_good_shard, write_tar  # noqa: F401
+from train_helpers import BAD_MEMBERS, one_thread, write_bad_shard, write_good_shard, write_tar  # noqa: F401
 
 from dinorankclip.cli.main import main as cli_main
 from dinorankclip.config import DataConfig, load_config

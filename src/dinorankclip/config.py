@@ -260,7 +260,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     seed: int = 0
     log_every: int = 10  # steps between metric records
-    checkpoint_every: int = 0  # steps between resumable checkpoints; 0 writes only the final one
+    checkpoint_every: int = 0  # steps between resumable checkpoints (plus one at the end); 0 writes none
     tensorboard: bool = True
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
     grad_accum_steps: int = 1  # micro-batches per step; the contrastive batch stays train.batch_size

@@ -3,8 +3,8 @@
 Paths inside a table are relative to the table's folder. A sample whose image is missing or unreadable
 does not stop the run. For evaluation, ``__getitem__`` returns a :class:`BadSample` and the collate
 function drops and counts it. For training (``replace_bad=True``) the dataset draws a replacement
-sample from the sample's seed, so every batch is full (all processes of a distributed job need equal
-batch shapes) and the same seed always gives the same replacement; the skipped samples travel with the
+sample from the sample's seed, so every batch is full, as all processes of a distributed job need equal
+batch shapes. The same seed always gives the same replacement. The skipped samples travel with the
 batch, and the trainer raises once the bad fraction passes ``data.max_bad_fraction``.
 """
 
@@ -122,7 +122,7 @@ class CaptionDataset(Dataset):
         replace_bad: replace an unreadable sample by another drawn from its seed (training) instead of
             returning a :class:`BadSample`.
 
-    Captions are stripped of surrounding whitespace; an empty or whitespace-only caption stays a
+    Captions are stripped of surrounding whitespace. An empty or whitespace-only caption stays a
     sample and is tokenised as the empty text (start and end tokens only), as evaluation does.
     """
 

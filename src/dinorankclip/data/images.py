@@ -82,8 +82,8 @@ def decode_image(
         exif_transpose: apply the EXIF orientation.
         name: file or sample name for error messages.
         min_size: when set, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale whose
-            shorter side is still at least ``min_size`` pixels (libjpeg's DCT scaling, Pillow's
-            ``Image.draft``); other formats are decoded at full size.
+            shorter side is still at least ``min_size`` pixels (libjpeg's DCT scaling through Pillow's
+            ``Image.draft``). Other formats are decoded at full size.
 
     Raises:
         ImageDecodeError: empty, truncated or undecodable data.

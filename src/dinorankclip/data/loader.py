@@ -154,7 +154,7 @@ class TableLoader:
         self._iterator = iter(())
 
 
-def _shard_states(state: dict[str, Any] | None, *, batch_size: int, num_workers: int, rank: int,
+def _shard_states(state: dict[str, Any] | None, *, batch_size: int, num_workers: int, rank: int, world_size: int,
                   plan: ShardPlan, num_samples: int | None) -> tuple[list[dict[str, Any] | None], int]:
     """Return each logical worker's start state and the batches consumed, from a saved loader state."""
     workers = max(1, num_workers)
@@ -162,14 +162,15 @@ def _shard_states(state: dict[str, Any] | None, *, batch_size: int, num_workers:
         return [None] * workers, 0
     batches = int(state["batches"])
     saved = state.get("workers") or []
-    if state.get("kind") == "webdataset" and int(state.get("num_workers", -1)) == num_workers and len(saved) == workers:
+    layout = (state.get("kind"), state.get("num_workers"), state.get("world_size", 1))
+    if layout == ("webdataset", num_workers, world_size) and len(saved) == workers:
         return list(saved), batches
     # Worker positions cannot be mapped onto a different worker layout: restart at the estimated epoch.
     epoch = batches * batch_size // num_samples if num_samples else 0
     logger.warning(
-        "The checkpoint's data position was saved with another data layout (%s, %s workers); restarting the "
-        "shards at epoch %d, so the data order differs from an uninterrupted run",
-        state.get("kind"), state.get("num_workers"), epoch,
+        "The checkpoint's data position was saved with another data layout (%s data, %s workers per process, %s "
+        "processes); restarting the shards at epoch %d, so the data order differs from an uninterrupted run",
+        *layout, epoch,
     )
     starts = []
     for logical in range(workers):
@@ -238,13 +239,14 @@ def build_train_data(
         min_decode_size=draft,
     )
     states, batches = _shard_states(state, batch_size=batch_size, num_workers=cfg.num_workers, rank=rank,
-                                    plan=plan, num_samples=num_samples)
+                                    world_size=world_size, plan=plan, num_samples=num_samples)
     workers = max(1, cfg.num_workers)
     dataset = ShardBatches(plan, decoder, rank=rank, num_workers=cfg.num_workers,
                            batch_size=batch_size // world_size, buffer_size=cfg.shuffle_buffer, seed=seed,
                            states=states, rotation=batches % workers)
-    loader = ShardLoader(dataset, num_workers=cfg.num_workers, batches=batches, pin_memory=pin_memory,
-                         num_samples=num_samples, batches_per_epoch=num_samples // batch_size if num_samples else None)
+    loader = ShardLoader(dataset, num_workers=cfg.num_workers, world_size=world_size, batches=batches,
+                         pin_memory=pin_memory, num_samples=num_samples,
+                         batches_per_epoch=num_samples // batch_size if num_samples else None)
     logger.info("Shards: %d files, %s samples per epoch, %d data workers in the job%s", len(shards),
                 num_samples if num_samples else "unknown", plan.num_workers,
                 ", resampled" if cfg.resampled else "")

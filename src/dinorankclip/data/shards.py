@@ -7,7 +7,7 @@ raised.
 
 Every data worker of the job (``world_size × num_workers`` of them, numbered ``g``) reads its own
 sequence of *slots*. Without resampling, epoch ``e`` orders all shards by a permutation drawn from
-``(seed, e)`` and worker ``g`` takes positions ``g, g + G, g + 2G, …``; with resampling, each slot draws
+``(seed, e)``, and worker ``g`` takes positions ``g, g + G, g + 2G, …``. With resampling, each slot draws
 a shard with replacement from ``(seed, g, slot)``. The stream never ends, so every process takes the
 same number of steps whatever the shard sizes. A position in the stream is ``(slot, offset)``: the
 slot counter and the number of samples already read from that slot's shard.
@@ -97,7 +97,7 @@ def shard_sizes(shards: list[str]) -> int | None:
 
 @dataclass(frozen=True)
 class CaptionSpec:
-    """Where a caption lives: a member extension (``txt``) or a field of the ``json`` member (``json:FIELD``)."""
+    """Caption location: a member extension (``txt``) or a field of the ``json`` member (``json:FIELD``)."""
 
     member: str
     field: str | None = None
@@ -144,7 +144,7 @@ class RawRecord:
 
 @dataclass
 class ShardPlan:
-    """Which shard each worker reads at each slot.
+    """Assignment of shards to the job's data workers, slot by slot.
 
     Args:
         shards: shard paths.

@@ -41,9 +41,9 @@ class PairedViews:
         teacher_size: teacher input size T in pixels; None produces no teacher view.
         train: draw a random resized crop; otherwise take the centre square.
         scale: area range of the random crop.
-        output_uint8: return both views as uint8 [3, H, W] without normalisation (the trainer
-            normalises whole batches on the device with :func:`normalize_images`); uint8 batches are
-            a quarter of the size to pass between processes.
+        output_uint8: return both views as uint8 [3, H, W] without normalisation. The trainer
+            normalises whole batches on the device with :func:`normalize_images`, and uint8 batches
+            are a quarter of the size to pass between processes.
     """
 
     image_size: int
@@ -59,7 +59,7 @@ class PairedViews:
         """Smallest image side that still gives every crop at least the output resolution.
 
         A random crop has area at least ``scale[0]`` of the image and aspect ratio at most 4/3, so its
-        shorter side is at least sqrt(scale[0] * 3/4) of the image's shorter side; a centre crop
+        shorter side is at least sqrt(scale[0] * 3/4) of the image's shorter side. A centre crop
         keeps the whole shorter side. Decoders may reduce large images to this size (JPEG draft).
         """
         out = max(self.image_size, self.teacher_size or 0)

@@ -1,7 +1,7 @@
 """Training batches from WebDataset shards, resumable at any batch.
 
 Each data worker (see ``shards.py``) reads its raw samples, mixes them in a shuffle buffer, decodes them
-and collates full batches of good samples; skipped samples travel with the batch that follows them.
+and collates full batches of good samples. Skipped samples travel with the batch that follows them.
 Every batch carries the worker's position after it (``data_state``): the slot and offset of its shard
 reader, the buffer's contents as stream positions, and the number of buffer draws. The main process
 keeps the newest position of every worker, and a resumed worker rebuilds its buffer by re-reading those
@@ -280,16 +280,19 @@ class ShardLoader:
     Args:
         dataset: the process's :class:`ShardBatches`.
         num_workers: DataLoader workers (0 reads in the main process).
+        world_size: processes in the job (stored with the position: positions only fit the same layout).
         batches: batches this process consumed before (resume position).
         pin_memory: pin batches for faster host-to-GPU copies.
         num_samples: samples per epoch of the whole job, when known.
         batches_per_epoch: global batches per epoch, when known.
     """
 
-    def __init__(self, dataset: ShardBatches, *, num_workers: int, batches: int = 0, pin_memory: bool = False,
-                 num_samples: int | None = None, batches_per_epoch: int | None = None) -> None:
+    def __init__(self, dataset: ShardBatches, *, num_workers: int, world_size: int = 1, batches: int = 0,
+                 pin_memory: bool = False, num_samples: int | None = None,
+                 batches_per_epoch: int | None = None) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
+        self.world_size = world_size
         self.batches = batches
         self.num_samples = num_samples
         self.batches_per_epoch = batches_per_epoch
@@ -316,6 +319,7 @@ class ShardLoader:
             "kind": "webdataset",
             "batches": self.batches,
             "num_workers": self.num_workers,
+            "world_size": self.world_size,
             "workers": copy.deepcopy(self.worker_states),
         }
 

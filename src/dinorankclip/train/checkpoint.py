@@ -116,7 +116,7 @@ def _sorted_header(blob: bytes) -> bytes:
     """Rewrite a safetensors file's JSON header with sorted keys.
 
     safetensors (0.8.0) writes the metadata map in hash order, which changes between processes, so the
-    same weights would give different bytes; sorted keys make the file a function of its content.
+    same weights would give different bytes. Sorted keys make the file a function of its content.
     Offsets in the header are relative to the data section, so a new header length keeps them valid.
     """
     length = struct.unpack("<Q", blob[:8])[0]

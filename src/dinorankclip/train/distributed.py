@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistributedContext:
-    """Where this process sits in the job."""
+    """Position of this process in the job: rank, world size, local rank, device and launcher."""
 
     rank: int = 0
     world_size: int = 1

@@ -1,6 +1,6 @@
 """Resumable checkpoints: everything needed to continue a run exactly where it stopped.
 
-``<run>/checkpoints/step-NNNNNNNN/`` holds
+``<run>/checkpoints/step-NNNNNNNN/`` contains
 
 * ``model.safetensors``: the model, in the same format as the run's final file (no teacher tensors);
 * ``objective.safetensors``: the objective's parameters and buffers (ranking transition heads, ALIP's
@@ -99,7 +99,7 @@ def resolve_resume(spec: str | None, run_dir: str | Path) -> Path | None:
     folder or a run folder (its newest checkpoint).
 
     Raises:
-        FileNotFoundError: a path that holds no complete checkpoint.
+        FileNotFoundError: a path that contains no complete checkpoint.
     """
     if spec is None:
         return None

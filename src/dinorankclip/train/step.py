@@ -4,8 +4,8 @@ accumulation that keeps the whole contrastive batch.
 With ``train.grad_accum_steps = M`` the local batch is cut into M micro-batches. As in open_clip's
 ``accum_freq``, a first pass without gradient encodes every micro-batch and caches all model outputs.
 Then, for each micro-batch i, the model runs again with gradient and its outputs replace the cached
-ones at position i, so the loss always sees the whole batch, and the backward pass adds micro-batch
-i's share of the gradient. Three details make the sum equal to the gradient of one big batch:
+ones at position i. The loss therefore always covers the whole batch, and the backward pass adds
+micro-batch i's share of the gradient. Three details make the sum equal to the gradient of one big batch:
 
 * the torch RNG state of each micro-batch's first pass is restored before its second pass, so random
   layers (dropout, drop-path) draw the same masks;
@@ -110,6 +110,7 @@ class StepRunner:
         accum_steps: micro-batches per step.
         grad_clip: max gradient norm (None: no clipping).
         inject_teacher: pass the teacher's patch levels to the model (``fusion.injection_source=teacher``).
+        second_text: encode the batch's second caption (``text2``, for ALIP).
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class StepRunner:
         accum_steps: int = 1,
         grad_clip: float | None = None,
         inject_teacher: bool = False,
+        second_text: bool = False,
     ) -> None:
         self.model = model
         self.forward = forward
@@ -141,6 +143,7 @@ class StepRunner:
         self.accum_steps = accum_steps
         self.grad_clip = grad_clip
         self.inject_teacher = inject_teacher
+        self.second_text = second_text
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.objective_params = [p for p in objective.parameters() if p.requires_grad]
         self.gather = ctx.feature_gather
@@ -183,7 +186,7 @@ class StepRunner:
     def _model_inputs(self, batch: dict[str, Any], teacher_out: Any) -> dict[str, Any]:
         levels = teacher_out.patch_levels if (teacher_out is not None and self.inject_teacher) else None
         return {"image": batch["image"], "text": batch["text"], "teacher_view": batch.get("teacher_view"),
-                "teacher_levels": levels, "text2": batch.get("text2")}
+                "teacher_levels": levels, "text2": batch.get("text2") if self.second_text else None}
 
     def _rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         cuda = torch.cuda.get_rng_state(self.ctx.device) if self.ctx.device.type == "cuda" else None
@@ -290,8 +293,9 @@ class StepRunner:
 
         Returns:
             (gradient norm before clipping as a 0-dim tensor, whether the update was applied). With fp16
-            the scaler itself skips an update whose gradients overflowed and lowers its scale, which is
-            the scaler's normal operation and returns True; otherwise a non-finite norm skips the update.
+            the scaler itself skips an update whose gradients overflowed and lowers its scale. That is
+            the scaler's normal operation, so it returns True. Without fp16 a non-finite norm skips the
+            update.
             After DDP every process holds the same gradients, so all processes decide alike.
         """
         for group in self.optimizer.param_groups:

@@ -1,10 +1,10 @@
 """Training loop: set-up, schedule, metrics, resumable checkpoints, preemption and the non-finite guard.
 
-One process or a ``torchrun``/SLURM job of many; only rank 0 logs metrics and writes files. The forward
-and backward passes (autocast, DDP, gradient accumulation) live in ``step.py``, the checkpoint format in
-``resume.py``. SIGTERM and SIGUSR1 (preemption notices of SLURM and most clusters) make every process
-finish the current step, write a resumable checkpoint and return cleanly; ``train.resume=latest``
-continues from it.
+One process or a ``torchrun``/SLURM job of many, where only rank 0 logs metrics and writes files. The
+forward and backward passes (autocast, DDP, gradient accumulation) live in ``step.py``, the checkpoint
+format in ``resume.py``. SIGTERM and SIGUSR1 (preemption notices of SLURM and most clusters) make every
+process finish the current step, write a resumable checkpoint and return cleanly.
+``train.resume=latest`` continues from it.
 """
 
 from __future__ import annotations
@@ -190,9 +190,9 @@ class _Run:
 
         forward: torch.nn.Module = TrainForward(self.model)
         if ctx.enabled:
-            # NOTE: find_unused_parameters because some configurations leave parameters without gradient
-            # (the student ViT's final norm, whose output the student never reads); without it DDP would
-            # never reduce their bucket and fail on the next step.
+            # NOTE: some configurations leave parameters without gradient, such as the student ViT's final
+            # norm, whose output the student never reads. Without find_unused_parameters DDP would never
+            # reduce their bucket and would fail on the next step.
             forward = torch.nn.parallel.DistributedDataParallel(
                 forward, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
         if cfg.train.compile:
@@ -203,6 +203,7 @@ class _Run:
             image_std=self.model.spec.image_std, precision=cfg.train.precision,
             accum_steps=cfg.train.grad_accum_steps, grad_clip=cfg.train.grad_clip,
             inject_teacher=cfg.fusion.enabled and cfg.fusion.injection_source == "teacher",
+            second_text=cfg.loss.name == "alip",
         )
         views = PairedViews(
             image_size=self.model.spec.image_size, mean=self.model.spec.image_mean, std=self.model.spec.image_std,
@@ -252,9 +253,10 @@ class _Run:
     # ---------------------------------------------------------------------------------------------------------------
 
     def _fit_time_budget(self, steps_this_run: int, started: float) -> None:
-        """After a few steps, shorten the schedule so the run ends within ``train.time_budget_minutes``."""
+        """After 8 steps of this process, shorten the schedule so that the whole run, earlier runs of a resumed
+        one included, ends within ``train.time_budget_minutes``."""
         budget = self.cfg.train.time_budget_minutes
-        if budget is None or self.schedule_fitted or steps_this_run != min(8, self.total_steps - self.step):
+        if budget is None or self.schedule_fitted or steps_this_run != 8:
             return
         self.schedule_fitted = True
         # Averaged over processes so that every process fits the same schedule.
@@ -399,8 +401,8 @@ class _Run:
                     self._fit_time_budget(steps_this_run, started)
                     progress.total = self.total_steps
                     every = cfg.train.checkpoint_every
-                    if every and self.step % every == 0 and self.step < self.total_steps:
-                        self._checkpoint(started)
+                    if every and (self.step % every == 0 or self.step == self.total_steps):
+                        self._checkpoint(started)  # the last one lets a later run extend the schedule
                 if self.stop_agreed and self.step < self.total_steps:
                     path = self._checkpoint(started)
                     logger.warning("Stopped at step %d on a signal; resume with train.resume=latest%s", self.step,

@@ -3,13 +3,27 @@ files) and the one-thread fixture."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE_DATA
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO / "src" / "dinorankclip" / "sample_data"
+
+
+def _root_conftest():
+    # Loaded by path: with several conftest.py files in the tree, ``import conftest`` may find another one.
+    spec = importlib.util.spec_from_file_location("_tests_root_conftest", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY_OVERRIDES: list[str] = list(_root_conftest().TINY_OVERRIDES)
 
 IMAGES = sorted((SAMPLE_DATA / "flickr8k" / "images").glob("*.jpg"))
 
