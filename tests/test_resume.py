@@ -75,15 +75,15 @@ def _same_weights(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference_runs(tmp_path_factory):
-    """Uninterrupted 10-step runs (checkpoints at step 5), made once per variant on first use."""
+    """Uninterrupted 10-step runs (checkpoints at step 5), trained once per variant on first use."""
     root = tmp_path_factory.mktemp("reference")
-    made: dict[str, Path] = {}
+    runs: dict[str, Path] = {}
 
     def get(variant: str, overrides: list[str]) -> Path:
-        if variant not in made:
+        if variant not in runs:
             _train_in(root / variant, overrides)
-            made[variant] = root / variant / "run"
-        return made[variant]
+            runs[variant] = root / variant / "run"
+        return runs[variant]
 
     return get
 
@@ -134,7 +134,7 @@ def test_sigkill_while_saving_leaves_latest_loadable(tmp_path, tiny_overrides, d
         while time.monotonic() < deadline and process.poll() is None:
             if checkpoints.is_dir() and find_latest(tmp_path / "run") is not None:
                 partial = [p for p in checkpoints.iterdir() if p.name.startswith(".tmp-")]
-                if partial and _step(partial[0]) >= 3:
+                if partial and _tmp_step(partial[0]) >= 3:
                     process.send_signal(signal.SIGKILL)
                     break
             time.sleep(0.001)
@@ -153,8 +153,8 @@ def test_sigkill_while_saving_leaves_latest_loadable(tmp_path, tiny_overrides, d
     _same_weights(tmp_path / "run" / "model.safetensors", reference / "model.safetensors")
 
 
-def _step(path: Path) -> int:
-    return int(path.name.split("-")[2])
+def _tmp_step(path: Path) -> int:
+    return int(path.name.split("-")[2])  # .tmp-step-NNNNNNNN-PID
 
 
 def test_sigterm_writes_resumable_checkpoint(tmp_path, tiny_overrides, data_sources, reference_runs):
@@ -173,14 +173,14 @@ def test_sigterm_writes_resumable_checkpoint(tmp_path, tiny_overrides, data_sour
     assert json.loads(stdout)["preempted"] is True
     assert not (tmp_path / "run" / "model.safetensors").exists()  # no final model from a stopped run
     latest = find_latest(tmp_path / "run")
-    assert latest is not None and 2 <= _step_number(latest) < 10
+    assert latest is not None and 2 <= _checkpoint_step(latest) < 10
     summary = _train_in(tmp_path, overrides + ["train.checkpoint_every=0", "train.resume=latest"])
     assert summary["steps"] == 10
     _same_weights(tmp_path / "run" / "model.safetensors", reference / "model.safetensors")
 
 
-def _step_number(path: Path) -> int:
-    return int(path.name.split("-")[1])
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])  # step-NNNNNNNN
 
 
 def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
@@ -215,3 +215,19 @@ def test_saved_keys_have_no_wrapper_prefixes(tmp_path, tiny_overrides):
     save_file(prefixed, str(tmp_path / "prefixed.safetensors"), metadata=metadata)
     loaded, _ = load_model(tmp_path / "prefixed.safetensors")
     assert torch.equal(loaded.trunk.logit_scale, model.trunk.logit_scale)
+
+
+def test_fp16_resume_restores_scaler(tmp_path, tiny_overrides, data_sources):
+    overrides = _overrides(tiny_overrides, data_sources, "csv-w0", "train.precision=fp16", "train.steps=4",
+                           "train.checkpoint_every=2")
+    _train_in(tmp_path / "full", overrides)
+    checkpoint = tmp_path / "full" / "run" / "checkpoints" / "step-00000002"
+    scaler = torch.load(checkpoint / "trainer.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 0
+    assert scaler["_growth_tracker"] == 2  # two overflow-free fp16 steps counted towards growing the scale
+    target = tmp_path / "resumed" / "run" / "checkpoints"
+    target.mkdir(parents=True)
+    shutil.copytree(checkpoint, target / checkpoint.name)
+    _train_in(tmp_path / "resumed", overrides + ["train.resume=latest"])
+    resumed = (tmp_path / "resumed" / "run" / "model.safetensors").read_bytes()
+    assert resumed == (tmp_path / "full" / "run" / "model.safetensors").read_bytes()
