@@ -180,7 +180,7 @@ class _Run:
         self.step = 0
         self.total_steps = cfg.train.steps
         self.elapsed_before = 0.0
-        self.schedule_fitted = False
+        self.first_step_seconds = 0.0
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.counters = DataCounters(cfg.data.max_bad_fraction)
@@ -228,7 +228,6 @@ class _Run:
                                             optimizer=self.optimizer, scaler=self.scaler)
         self.step = int(state["step"])
         self.elapsed_before = float(state["elapsed_seconds"])
-        self.schedule_fitted = bool(state.get("schedule_fitted", False))
         self.nonfinite_total = int(state.get("nonfinite_steps", 0))
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.counters.load_state_dict(state["counters"])
@@ -238,7 +237,6 @@ class _Run:
             logger.warning("Resuming with train.steps=%d, but the checkpoint's schedule has %d steps (%d after the "
                            "time budget); the learning-rate schedule changes from here on", self.cfg.train.steps,
                            saved_steps, int(state["total_steps"]))
-            self.schedule_fitted = False
         data_states = state["data"]
         same_layout = len(data_states) == self.ctx.world_size
         if not same_layout:
@@ -253,22 +251,32 @@ class _Run:
     # ---------------------------------------------------------------------------------------------------------------
 
     def _fit_time_budget(self, steps_this_run: int, started: float) -> None:
-        """After 8 steps of this process, shorten the schedule so that the whole run, earlier runs of a resumed
-        one included, ends within ``train.time_budget_minutes``."""
+        """Fit the schedule to ``train.time_budget_minutes``; end it at this step once the budget is spent.
+
+        The budget covers the whole run, earlier runs of a resumed one included. The step time is measured
+        after 8, 16, 32, ... steps of this process, without the first step (which includes worker
+        start-up), and the schedule is only ever shortened, so the cosine decay still reaches its end.
+        Times are averaged over processes, so every process takes the same decision.
+        """
         budget = self.cfg.train.time_budget_minutes
-        if budget is None or self.schedule_fitted or steps_this_run != 8:
+        if budget is None:
             return
-        self.schedule_fitted = True
-        # Averaged over processes so that every process fits the same schedule.
         seconds = self.ctx.all_reduce_sum(torch.tensor([time.perf_counter() - started], dtype=torch.float64))
         seconds = float(seconds) / self.ctx.world_size
-        per_step = seconds / max(1, steps_this_run)
-        remaining = budget * 60 - self.elapsed_before - seconds
-        fitted = max(self.step + 1, self.step + int(remaining / per_step))
-        if fitted < self.total_steps:
-            logger.info("Time budget %.1f min at %.2f s/step: schedule shortened from %d to %d steps",
-                        budget, per_step, self.total_steps, fitted)
-            self.total_steps = fitted
+        elapsed = self.elapsed_before + seconds
+        if elapsed > budget * 60:
+            logger.info("Time budget of %.1f min spent after %d steps; stopping", budget, self.step)
+            self.total_steps = self.step
+            return
+        if steps_this_run == 1:
+            self.first_step_seconds = seconds
+        if steps_this_run >= 8 and steps_this_run & (steps_this_run - 1) == 0:
+            per_step = (seconds - self.first_step_seconds) / (steps_this_run - 1)
+            fitted = max(self.step + 1, self.step + int((budget * 60 - elapsed) / per_step))
+            if fitted < self.total_steps:
+                logger.info("Time budget %.1f min at %.2f s/step: schedule shortened from %d to %d steps",
+                            budget, per_step, self.total_steps, fitted)
+                self.total_steps = fitted
 
     def _agree(self, terms: dict[str, torch.Tensor], counts: torch.Tensor) -> bool:
         """Sum flags and data counts over processes; every process takes the same decision from the sums."""
@@ -298,7 +306,6 @@ class _Run:
             "step": self.step,
             "total_steps": self.total_steps,
             "config_steps": self.cfg.train.steps,
-            "schedule_fitted": self.schedule_fitted,
             "elapsed_seconds": self.elapsed_before + time.perf_counter() - started,
             "nonfinite_steps": self.nonfinite_total,
             "nonfinite_in_row": self.nonfinite_in_row,
@@ -394,12 +401,12 @@ class _Run:
                     steps_this_run += 1
                     window["samples"] += batch["image"].shape[0] * ctx.world_size
                     progress.update(1)
+                    self._fit_time_budget(steps_this_run, started)
+                    progress.total = self.total_steps
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                         self._log(writer, record, window)
                         progress.set_postfix(loss=f"{float(record['loss']):.3f}", lr=f"{float(record['lr']):.2e}")
                         window = {"start": time.perf_counter(), "samples": 0.0, "data_time": 0.0}
-                    self._fit_time_budget(steps_this_run, started)
-                    progress.total = self.total_steps
                     every = cfg.train.checkpoint_every
                     if every and (self.step % every == 0 or self.step == self.total_steps):
                         self._checkpoint(started)  # the last one lets a later run extend the schedule
