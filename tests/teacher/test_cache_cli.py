@@ -7,6 +7,7 @@ import json
 import pytest
 
 from dinorankclip.cli.main import main
+from dinorankclip.data.pack import pack_shards
 from dinorankclip.train.checkpoint import load_model
 
 TEACHER_OVERRIDES = [
@@ -42,11 +43,31 @@ def test_cache_then_train_on_flickr8k(tmp_path, sample_data, tiny_overrides, cap
     assert model.geometry.dim == 32  # the student projects into the cache's PCA space
 
 
-def test_cache_command_rejects_shards(tmp_path, capsys):
-    code = main(["teacher-cache", "--data", str(tmp_path / "train-{000..009}.tar"), "--out", str(tmp_path / "c"),
+def test_cache_then_train_on_shards(tmp_path, sample_data, tiny_overrides, capsys):
+    """Shards are cached by their __key__, and training from shards reads the cache by that key."""
+    source = sample_data / "flickr8k"
+    header, *rows = (source / "train.csv").read_text().splitlines()[:41]  # 40 pairs of 8 images
+    table = tmp_path / "pairs.csv"  # absolute image paths, so the table can live outside the data folder
+    table.write_text("\n".join([header] + [f"{source}/{row}" for row in rows]) + "\n")
+    shards = tmp_path / "shards"
+    packed = pack_shards(table, shards, shard_size=16)
+    pattern = str(shards / "shard-{000000..000002}.tar")
+    assert len(packed.shards) == 3
+
+    cache = tmp_path / "cache"
+    code = main(["teacher-cache", "--data", pattern, "--out", str(cache), "--pca-dim", "16", "--shard-size", "8",
                  *TEACHER_OVERRIDES])
-    assert code == 2
-    assert "WebDataset shards are not supported yet" in capsys.readouterr().err
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["keys"] == 40  # one sample per caption row in packed shards
+    assert summary["cached"] == 40
+
+    run = tmp_path / "run"
+    code = main(["train", "--config", "tiny-cpu", "--out", str(run), *tiny_overrides, f"data.train={pattern}",
+                 f"teacher.cache={cache}", "teacher.weights=null", "data.shuffle_buffer=8"])
+    assert code == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "gram" in records[-1]
 
 
 def test_cache_command_needs_teacher_weights(tmp_path, sample_data, capsys):

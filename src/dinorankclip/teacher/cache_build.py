@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +32,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
-from dinorankclip.data.csv_dataset import read_table
-from dinorankclip.data.images import ImageDecodeError, load_image
+from dinorankclip.data.csv_dataset import BadSample, read_table
+from dinorankclip.data.images import ImageDecodeError, decode_image, load_image
+from dinorankclip.data.shards import CaptionSpec, RawRecord, ShardPlan, ShardReader, expand_shards
 from dinorankclip.data.transforms import PairedViews
 from dinorankclip.teacher.cache import (
     BUILD_FILE,
@@ -59,6 +60,7 @@ __all__ = [
     "build_teacher_cache",
     "evaluation_view",
     "fit_pca",
+    "shard_samples",
     "table_samples",
 ]
 
@@ -117,6 +119,9 @@ def evaluation_view(image: Image.Image, size: int) -> torch.Tensor:
     """Return the teacher's evaluation view ``[3, size, size]`` in [0, 1]: the centre square, resized.
 
     This is the ``teacher_view`` that ``PairedViews(train=False)`` gives for the same image.
+
+    NOTE: the cache decodes images at full size. A training loader with ``data.decode_draft`` decodes large
+    JPEGs at a reduced scale first, so its views differ from these by resampling, not by the crop.
     """
     top, left, height, width = PairedViews(image_size=size, mean=(0, 0, 0), std=(1, 1, 1)).crop_box(image)
     crop = image.crop((left, top, left + width, top + height))
@@ -564,6 +569,53 @@ def table_samples(
         key = row[filepath_column]
         samples.append((key, functools.partial(load_image, root / key, exif_transpose=exif_transpose)))
     return samples
+
+
+def shard_samples(
+    spec: str,
+    *,
+    image_keys: tuple[str, ...] = ("jpg", "png", "webp", "jpeg"),
+    caption_key: str = "txt",
+    exif_transpose: bool = True,
+) -> Iterator[tuple[str, Callable[[], Image.Image]]]:
+    """Yield the ``(key, image loader)`` pairs of WebDataset shards, shard by shard in the listed order.
+
+    The key is the sample's ``__key__``, as in the training batches' ``key``. Shards are read once, without
+    shuffling, with the trainer's shard reader. A sample that the reader or the loader cannot use (no image
+    member, undecodable image, truncated tar) gives a loader that raises ``ImageDecodeError``.
+
+    Args:
+        spec: shard specification such as ``data/shard-{000000..000099}.tar`` (``::`` joins lists).
+        image_keys: image member extensions, first match wins (``data.image_key``).
+        caption_key: caption member (``data.caption_key``); the reader rejects shards without captions.
+        exif_transpose: apply EXIF orientation.
+    """
+    caption = CaptionSpec.parse(caption_key)
+    for url in expand_shards(spec):
+        reader = ShardReader(ShardPlan([url], seed=0, num_workers=1), 0, caption)
+        for item in reader:
+            if reader.slot > 0:  # the endless reader moved on to this shard's next epoch
+                break
+            if isinstance(item, BadSample):
+                if item.key is None:
+                    logger.warning("Skipped part of shard %s: %s", url, item.reason)
+                    continue
+                yield item.key, functools.partial(_raise_decode_error, f"{url}: {item.key}: {item.reason}")
+                continue
+            yield item.key, functools.partial(_decode_member, item, image_keys, exif_transpose)
+
+
+def _raise_decode_error(message: str) -> Image.Image:
+    raise ImageDecodeError(message)
+
+
+def _decode_member(record: RawRecord, image_keys: tuple[str, ...], exif_transpose: bool) -> Image.Image:
+    image_key = next((key for key in image_keys if key in record.members), None)
+    if image_key is None:
+        found = ", ".join(sorted(record.members))
+        raise ImageDecodeError(f"{record.url}: {record.key}: no image member ({'/'.join(image_keys)}); found {found}")
+    return decode_image(record.members[image_key], exif_transpose=exif_transpose,
+                        name=f"{record.url}:{record.key}.{image_key}")
 
 
 def _check_bad_fraction(counts: Mapping[str, int], max_bad_fraction: float) -> None:
