@@ -324,7 +324,26 @@ def test_weights_fingerprint_forms(tmp_path):
     assert weights_fingerprint("random", random_seed=3) == {"kind": "random", "seed": 3}
     by_file = weights_fingerprint(file)
     by_folder = weights_fingerprint(tmp_path)
-    assert by_file["kind"] == "file" and len(by_file["sha256"]) == 64
-    assert by_folder["kind"] == "folder" and by_folder["sha256"] != by_file["sha256"]
+    assert by_file["kind"] == "file"
+    assert len(by_file["sha256"]) == 64
+    assert by_folder["kind"] == "folder"
+    assert by_folder["sha256"] != by_file["sha256"]
     with pytest.raises(FileNotFoundError, match="not found"):
         weights_fingerprint(tmp_path / "absent.pth")
+
+
+def test_online_teacher_projects_with_cache_pca(cache_dir, table):
+    """Evaluating a teacher-injection model trained on a cache runs the teacher and applies the cache's PCA."""
+    from dinorankclip.train.teacher_source import OnlineTeacher
+
+    cfg = _config(cache_dir, table, "fusion.injection_source=teacher")
+    torch.manual_seed(0)  # the seed the cache's random teacher was built with
+    online = OnlineTeacher(cfg, torch.device("cpu"))
+    assert online.geometry.dim == 16
+
+    keys = list(dict(table_samples(table)))[:4]
+    views = torch.stack([evaluation_view(load_image(table.parent / key), IMAGE_SIZE) for key in keys])
+    projected = online({"teacher_view": views})
+    cached = TeacherCache(cache_dir).lookup(keys)
+    torch.testing.assert_close(projected.cls, cached.cls, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(projected.patch, cached.patch, rtol=2e-3, atol=2e-3)

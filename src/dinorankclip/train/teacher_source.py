@@ -124,6 +124,7 @@ class CachedTeacher:
             )
 
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
+        # NOTE: the shard reads run in the training process, not in the data loader's workers.
         output = self.cache.lookup(batch["key"])
         levels = tuple(level.to(self.device, non_blocking=True) for level in output.patch_levels)
         return TeacherOutput(
