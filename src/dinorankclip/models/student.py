@@ -79,8 +79,8 @@ class StudentImageBranch(nn.Module):
                     f"student.blocks has {len(blocks)} entries but teacher.blocks has {len(teacher_blocks)}; "
                     "give one student block per teacher block"
                 )
-        # Blocks past the deepest paired one never reach an output: dropping them saves their compute and leaves
-        # no parameter without gradient (which DistributedDataParallel rejects).
+        # Blocks past the deepest paired one never reach an output. Dropping them saves their compute and leaves
+        # no parameter without gradient, which DistributedDataParallel only accepts with find_unused_parameters.
         self.vit.prune_intermediate_layers(blocks, prune_norm=False, prune_head=True)
         self.blocks = blocks
         self.teacher_grid = tuple(teacher_grid)
