@@ -182,6 +182,10 @@ class _Loop:
             levels = teacher_out.patch_levels if (teacher_out is not None and cfg.fusion.injection_source == "teacher") \
                 else None
             outputs = self.model(image, text, teacher_view, levels)
+            if "text2" in batch:
+                # ALIP's second caption per image goes through the text side only.
+                text2 = batch["text2"].to(device, non_blocking=True)
+                outputs["second_text_features"] = self.model.encode_text_all(text2)["text_features"]
             terms = self.objective(outputs, teacher_out, progress=step / max(1, self.total_steps), batch=batch)
         loss = terms["loss"]
         if not torch.isfinite(loss):
