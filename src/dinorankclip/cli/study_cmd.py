@@ -8,9 +8,15 @@ from .common import OVERRIDE_HELP
 NAME = "study"
 
 
+_HELP = {
+    "order-sweep": "ranking order R = 0..4 with full fusion",
+    "fusion-ablation": "the six fusion variants and no injection, at order 3",
+    "baselines": "CLIP, CyCLIP, ALIP, RankCLIP and DinoRankCLIP under matched compute",
+}
+
+
 def add_parser(sub) -> None:
-    from ..studies.specs import PRESETS, STUDIES
-    from .eval_cmd import add_dataset_arguments
+    from ..studies.specs import STUDIES
 
     p = sub.add_parser(
         "study", help="run a study: order sweep, fusion ablation or baselines (train, evaluate, report)",
@@ -18,7 +24,15 @@ def add_parser(sub) -> None:
                     "classification, retrieval, the fine-grained probe and the modality gap, and write "
                     "OUT/results/*.json and OUT/report.md. Finished runs are skipped, so an interrupted study "
                     "continues where it stopped.")
-    p.add_argument("study", choices=STUDIES, help="which study to run")
+    studies = p.add_subparsers(dest="study", required=True, metavar="STUDY")
+    for name in STUDIES:
+        _add_study_parser(studies.add_parser(name, help=_HELP[name], description=f"Study: {_HELP[name]}."))
+
+
+def _add_study_parser(p) -> None:
+    from ..studies.specs import PRESETS
+    from .eval_cmd import add_dataset_arguments
+
     p.add_argument("--out", required=True, metavar="DIR", help="study folder (runs/, results/, plots/, report.md)")
     p.add_argument("--preset", default="tiny-cpu", metavar="NAME",
                    help=f"study preset ({', '.join(PRESETS)}: bundled data, sized for a 2-core CPU) or any config "

@@ -54,18 +54,19 @@ def study_runs(study: str, *, second_caption_column: str | None = None) -> list[
         return [RunSpec(f"fusion_{v}", v, ("loss.name=dinorankclip", f"fusion.variant={v}"),
                         {"order": 3, "loss": "dinorankclip", "fusion": v}) for v in ABLATION_VARIANTS]
     if study == "baselines":
+        # loss.order=null gives each baseline its own order (0, or 1 for RankCLIP) whatever the preset sets.
         if not second_caption_column:
             raise ConfigError("the baselines study trains ALIP, which needs a second caption per image; give "
                               "--second-caption-column COLUMN (a column of data.train)")
         return [
-            RunSpec("clip", "CLIP", ("loss.name=clip", "fusion.variant=none"),
+            RunSpec("clip", "CLIP", ("loss.name=clip", "loss.order=null", "fusion.variant=none"),
                     {"order": 0, "loss": "clip", "fusion": "none"}),
-            RunSpec("cyclip", "CyCLIP", ("loss.name=cyclip", "fusion.variant=none"),
+            RunSpec("cyclip", "CyCLIP", ("loss.name=cyclip", "loss.order=null", "fusion.variant=none"),
                     {"order": 0, "loss": "cyclip", "fusion": "none"}),
-            RunSpec("alip", "ALIP", ("loss.name=alip", "fusion.variant=none",
+            RunSpec("alip", "ALIP", ("loss.name=alip", "loss.order=null", "fusion.variant=none",
                                      f"data.second_caption_column={second_caption_column}"),
                     {"order": 0, "loss": "alip", "fusion": "none"}),
-            RunSpec("rankclip", "RankCLIP", ("loss.name=rankclip", "fusion.variant=none"),
+            RunSpec("rankclip", "RankCLIP", ("loss.name=rankclip", "loss.order=null", "fusion.variant=none"),
                     {"order": 1, "loss": "rankclip", "fusion": "none"}),
             RunSpec("dinorankclip", "DinoRankCLIP", ("loss.name=dinorankclip", "loss.order=3", "fusion.variant=full"),
                     {"order": 3, "loss": "dinorankclip", "fusion": "full"}),
