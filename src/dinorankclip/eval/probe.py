@@ -126,7 +126,9 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
 
     def fit(x, y, c):
         with warnings.catch_warnings():
+            # Few images per class are expected in fine-grained probes; sklearn warns about both.
             warnings.simplefilter("ignore", ConvergenceWarning)
+            warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
             return LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
 
     fit_idx, val_idx = per_class_split(train_y.tolist(), val_fraction)
