@@ -114,3 +114,23 @@ def test_baselines_command(tmp_path, sample_data, tiny_overrides, capsys):
     alip_config = (out / "runs" / "alip" / "config.yaml").read_text()
     assert "second_caption_column: caption2" in alip_config
     assert "train_pairs.csv" in alip_config
+
+
+def test_plan_commands_match_study_configs(tmp_path, tiny_overrides):
+    import shlex
+
+    from dinorankclip.cli.main import build_parser
+    from dinorankclip.config import load_config
+    from dinorankclip.studies.runner import _flatten, _study_configs, plan_study
+
+    out = tmp_path / "planned"
+    commands = plan_study("order-sweep", out=out, steps=7, overrides=list(tiny_overrides))
+    _, runs, configs = _study_configs("order-sweep", out=out, preset="tiny-cpu", steps=7,
+                                      overrides=list(tiny_overrides), teacher_weights=None,
+                                      second_caption_column=None, device="cpu")
+    assert len(commands) == len(runs) == 5
+    for command, run in zip(commands, runs, strict=True):
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        trained = load_config(args.config, list(args.overrides) + [f"train.output_dir={args.out}"])
+        assert _flatten(trained.to_dict()) == _flatten(configs[run.name].to_dict())
+        assert trained.train.steps == 7

@@ -45,13 +45,23 @@ def _add_study_parser(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="evaluation data loader processes (default 0)")
     p.add_argument("--reevaluate", action="store_true", help="evaluate finished runs again")
+    p.add_argument("--plan", action="store_true",
+                   help="print the train command of every run and exit, e.g. to launch each with torchrun; "
+                        "the study then only evaluates the finished runs")
     add_dataset_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP + "; applied to every run")
 
 
 def run(args) -> int:
-    from ..studies.runner import run_study
+    from ..studies.runner import plan_study, run_study
     from .eval_cmd import eval_config_from_args
+
+    if args.plan:
+        for command in plan_study(args.study, out=args.out, preset=args.preset, steps=args.steps,
+                                  overrides=list(args.overrides), teacher_weights=args.teacher_weights,
+                                  second_caption_column=args.second_caption_column):
+            print(command)
+        return 0
 
     eval_cfg, skipped = None, None
     if args.zeroshot or args.retrieval or args.probe or args.modality_gap or args.bundled_eval:

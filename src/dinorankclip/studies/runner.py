@@ -29,7 +29,7 @@ from ..eval.runner import build_encoder, evaluate
 from .report import write_report
 from .specs import RunSpec, get_preset, study_runs
 
-__all__ = ["is_finished", "run_study"]
+__all__ = ["is_finished", "plan_study", "run_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,43 @@ def _evaluate_run(spec: RunSpec, cfg: Config, eval_cfg: EvalConfig, skipped: dic
     return records, seconds
 
 
+def _study_configs(study: str, *, out: Path, preset: str, steps: int | None, overrides: list[str] | None,
+                   teacher_weights: str | None, second_caption_column: str | None, device: str):
+    spec = get_preset(preset)
+    runs = study_runs(study, second_caption_column=second_caption_column or spec.second_caption_column)
+    base = list(spec.overrides) + [f"train.device={device}"]
+    if teacher_weights:
+        base.append(f"teacher.weights={teacher_weights}")
+    steps = steps if steps is not None else spec.steps.get(study)
+    configs = {run.name: _run_config(run, config=spec.config, base=base, user=list(overrides or []), out=out,
+                                     steps=steps) for run in runs}
+    return spec, runs, configs
+
+
+def plan_study(study: str, *, out: str | Path, preset: str = "tiny-cpu", steps: int | None = None,
+               overrides: list[str] | None = None, teacher_weights: str | None = None,
+               second_caption_column: str | None = None) -> list[str]:
+    """Return one ``dinorankclip train`` command per run of the study, for launching each with ``torchrun``.
+
+    A run trained by its command is finished when :func:`run_study` reaches it with the same arguments, so
+    the study then only evaluates it.
+    """
+    import shlex
+
+    out = Path(out)
+    spec, runs, configs = _study_configs(study, out=out, preset=preset, steps=steps, overrides=overrides,
+                                         teacher_weights=teacher_weights,
+                                         second_caption_column=second_caption_column, device="auto")
+    commands = []
+    for run in runs:
+        cfg = configs[run.name]
+        base = list(spec.overrides) + ([f"teacher.weights={teacher_weights}"] if teacher_weights else [])
+        args = base + list(overrides or []) + list(run.overrides) + [f"train.steps={cfg.train.steps}"]
+        commands.append(shlex.join(["dinorankclip", "train", "--config", spec.config,
+                                    "--out", str(out / "runs" / run.name), *args]))
+    return commands
+
+
 def run_study(study: str, *, out: str | Path, preset: str = "tiny-cpu", steps: int | None = None,
               overrides: list[str] | None = None, teacher_weights: str | None = None,
               second_caption_column: str | None = None, eval_cfg: EvalConfig | None = None,
@@ -138,16 +175,16 @@ def run_study(study: str, *, out: str | Path, preset: str = "tiny-cpu", steps: i
     from ..train.checkpoint import write_json
     from ..train.distributed import resolve_device
 
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("a study runs in one process; to train its runs on several GPUs, launch the commands "
+                          "of `dinorankclip study ... --plan` with torchrun, then run the study to evaluate them")
     started = time.perf_counter()
     out = Path(out)
-    spec = get_preset(preset)
-    runs = study_runs(study, second_caption_column=second_caption_column or spec.second_caption_column)
-    base = list(spec.overrides) + [f"train.device={device}"]
-    if teacher_weights:
-        base.append(f"teacher.weights={teacher_weights}")
-    steps = steps if steps is not None else spec.steps.get(study)
-    configs = {run.name: _run_config(run, config=spec.config, base=base, user=list(overrides or []), out=out,
-                                     steps=steps) for run in runs}
+    spec, runs, configs = _study_configs(study, out=out, preset=preset, steps=steps, overrides=overrides,
+                                         teacher_weights=teacher_weights,
+                                         second_caption_column=second_caption_column, device=device)
     if eval_cfg is None:
         eval_cfg, preset_skipped = spec.eval_config(next(iter(configs.values())).eval.batch_size)
         skipped = preset_skipped if skipped is None else skipped

@@ -104,8 +104,8 @@ class StudyPreset:
 def _tiny_cpu() -> StudyPreset:
     # Steps per run, from single-thread CPU time measured on an AMD EPYC (Zen 4) core with torch 2.14:
     # one step of batch 128 costs 3.5 s with fusion and 2.2 s without, and evaluating one run on the
-    # bundled sets costs about 25 s. With two dedicated cores a run takes at most that long, so each study
-    # below needs about 35 to 40 minutes of its 60-minute budget (estimate; the README shows the arithmetic).
+    # bundled sets costs about 25 s. With two dedicated cores a run takes at most that long, so each
+    # study below needs an estimated 35 to 40 minutes of its 60-minute budget (docs/studies.md).
     return StudyPreset(
         config="tiny-cpu",
         overrides=(
