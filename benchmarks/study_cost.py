@@ -1,4 +1,4 @@
-"""Measure the training cost of the study runs at the paper's scale: FLOPs per sample and CPU time per step.
+"""Measure the training cost of the study runs at CC3M scale: FLOPs per sample and CPU time per step.
 
 For each run type (DinoRankCLIP with fusion; the trunk alone as in the CLIP baselines) this script builds
 the real ``rn50-cc3m`` model (RN50 trunk at 224 px, DINOv3 ViT-B/16 teacher, ViT-Tiny student), runs

@@ -18,7 +18,7 @@ from dinorankclip.train.teacher_source import build_teacher_source
 
 
 def test_gap_matrix_known_answer():
-    # Each set holds one vector, so its centroid is that vector.
+    # Each set contains one vector, so its centroid is that vector.
     sets = {"clip_image": torch.tensor([[1.0, 0.0]]), "fused_image": torch.tensor([[0.0, 1.0]]),
             "clip_text": torch.tensor([[-1.0, 0.0]]), "fused_text": torch.tensor([[1.0, 0.0]])}
     matrix = gap_matrix(sets)
@@ -57,8 +57,8 @@ def _encoder(overrides):
     torch.manual_seed(0)
     model = build_model(cfg, geometry)
     if model.fusion is not None:
-        # The fusion output projection starts at zero (the model starts as the plain trunk); give it weights so
-        # the fused nodes differ from the trunk nodes.
+        # The fusion output projections start at zero, so a new model equals the plain trunk. Random weights
+        # make the fused nodes differ from the trunk nodes.
         for parameter in model.parameters():
             if parameter.dim() >= 2 and parameter.abs().sum() == 0:
                 torch.nn.init.normal_(parameter, std=0.05)
@@ -69,7 +69,8 @@ def test_modality_gap_with_fusion_writes_png(tmp_path, held_out, tiny_overrides)
     encoder = _encoder(list(tiny_overrides))
     png = tmp_path / "plots" / "gap.png"
     metrics = run_modality_gap(encoder, held_out, transform=eval_views(encoder.model), plot_path=png)
-    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.is_file()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert metrics["plot"] == str(png)
     assert metrics["nodes"] == list(NODES)
     assert metrics["num_pairs"] == 12  # 60 rows of the test table = 12 images with 5 captions each

@@ -36,7 +36,9 @@ def test_fit_probe_sweeps_c_on_validation():
     result = fit_probe(x[::2], y[::2], x[1::2], y[1::2], c_values=[0.01, 1.0, 100.0], val_fraction=0.2)
     assert set(result["val_accuracy"]) == {"0.01", "1", "100"}
     assert result["c_selection"] == "validation sweep"
-    assert result["num_val"] == 6 and result["num_train"] == 24 and result["num_test"] == 30
+    assert result["num_val"] == 6
+    assert result["num_train"] == 24
+    assert result["num_test"] == 30
     assert result["top1"] > 0.9
 
 

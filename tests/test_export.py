@@ -32,7 +32,8 @@ def test_open_clip_round_trip(tmp_path, run_dir, sample_data):
     info = export_open_clip(run_dir, tmp_path / "export")
     assert (tmp_path / "export" / CONFIG_NAME).is_file()
     assert (tmp_path / "export" / WEIGHTS_NAME).is_file()
-    assert info["fusion_variant"] == "full" and "Trunk only" in info["note"]
+    assert info["fusion_variant"] == "full"
+    assert "Trunk only" in info["note"]
 
     exported = open_clip.create_model(f"local-dir:{tmp_path / 'export'}").eval()
     tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'export'}")

@@ -77,7 +77,8 @@ def test_order_sweep_end_to_end_and_resume(tmp_path, sample_data, tiny_overrides
     report = (out / "report.md").read_text()
     for order in range(5):
         assert f"| R = {order} | {order} | 1 |" in report
-    assert "![summary](plots/summary.png)" in report and (out / "plots" / "summary.png").is_file()
+    assert "![summary](plots/summary.png)" in report
+    assert (out / "plots" / "summary.png").is_file()
     assert "linear_probe `stanford_cars`: not bundled" in report
     assert "ALIP" not in report
 

@@ -113,7 +113,9 @@ def run(args) -> int:
         raise ConfigError("nothing to evaluate; give datasets with --zeroshot, --retrieval, --probe or "
                           "--modality-gap for the chosen --tasks, or --bundled-eval")
     out = Path(args.out) if args.out else None
-    folder = out if out is not None and out.suffix.lower() != ".json" else (out.parent if out else None)
+    folder = None
+    if out is not None:
+        folder = out.parent if out.suffix.lower() == ".json" else out
 
     device = resolve_device(args.device)
     encoder, _ = build_encoder(args.checkpoint, device)

@@ -1,4 +1,4 @@
-"""``dinorankclip study``: train, evaluate and report one of the paper's studies."""
+"""``dinorankclip study``: train, evaluate and report the order sweep, the fusion ablation or the baselines."""
 
 from __future__ import annotations
 

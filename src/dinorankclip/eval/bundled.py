@@ -39,17 +39,17 @@ BUNDLED_SECOND_CAPTION_COLUMN = "caption2"
 
 
 def sample_data_root() -> Path:
-    """Folder of the real-data subset shipped inside the package."""
+    """Return the folder of the real-data subset shipped inside the package."""
     return Path(str(resources.files("dinorankclip") / "sample_data"))
 
 
 def bundled_train_pairs() -> Path:
-    """The Flickr8k train split with a second caption per row (``filepath,caption,caption2``)."""
+    """Return the bundled Flickr8k train split with a second caption per row (``filepath,caption,caption2``)."""
     return sample_data_root() / "flickr8k" / "train_pairs.csv"
 
 
 def bundled_eval(*, batch_size: int = 256) -> tuple[EvalConfig, dict[tuple[str, str], str]]:
-    """Every task on the bundled data.
+    """Build the evaluation config of every task on the bundled data.
 
     Returns:
         The evaluation config and ``{("probe", name): reason}`` for the fine-grained datasets that have no

@@ -199,7 +199,7 @@ def _open_torchvision(name: str, root: Path, split: str, transform: Callable) ->
 
 
 def _open_csv(name: str, path: Path, split: str | None, transform: Callable) -> LabelledSet:
-    """A labels table; when it has a ``split`` column, only rows of ``split`` are used."""
+    """Open a labels table; when it has a ``split`` column and ``split`` is given, only those rows are read."""
     rows = read_table(path, ["filepath", "label"])
     names_file = path.parent / "classnames.txt"
     if split is not None and "split" in rows[0]:

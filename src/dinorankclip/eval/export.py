@@ -1,6 +1,6 @@
 """Export a checkpoint's CLIP trunk as a folder that open_clip loads with ``local-dir:``.
 
-The folder holds what open_clip's ``create_model('local-dir:DIR')`` reads (checked against open_clip
+The folder contains what open_clip's ``create_model('local-dir:DIR')`` reads (checked against open_clip
 3.3.0's ``factory.py``): ``open_clip_config.json`` with ``model_cfg`` (the trunk's architecture with the
 input size and context length it was trained with) and ``preprocess_cfg`` (mean, std, interpolation,
 resize mode), and the weights as ``open_clip_model.safetensors`` with the state-dict keys of open_clip's

@@ -49,10 +49,10 @@ class Encoder:
         """Embed every readable image of ``loader``.
 
         Returns:
-            A dict with one [n, E] tensor per requested key that the model produces (a key whose output is
-            None, such as ``student_global`` without a student, is left out), ``index`` [n] (dataset indices
-            of the embedded samples, so skipped samples can be matched) and ``label`` [n] when the data has
-            labels.
+            A dict with one [n, E] tensor per requested key that the model produces, ``index`` [n] and,
+            when the data has labels, ``label`` [n]. A key whose output is None (``student_global`` without
+            a student) is left out. ``index`` holds the dataset indices of the embedded samples, so that
+            skipped samples can be matched.
         """
         chunks: dict[str, list[torch.Tensor]] = {k: [] for k in (*keys, "index", "label")}
         skipped = 0

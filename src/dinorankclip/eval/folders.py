@@ -2,9 +2,9 @@
 
 Class order and names:
 
-* ImageNet, ImageNet-Sketch, ImageNet-R, ImageNet-A: one folder per WordNet id (``n01440764``); the label
-  is the id's ImageNet-1k index (timm's ``imagenet_synsets.txt``, the standard order), and class names
-  are CLIP's ImageNet names. ImageNet-R and ImageNet-A hold 200 of the 1000 classes, so their
+* ImageNet, ImageNet-Sketch, ImageNet-R, ImageNet-A: one folder per WordNet id (``n01440764``). The label
+  is the id's ImageNet-1k index in the standard order (timm's ``imagenet_synsets.txt``), and the class
+  names are CLIP's ImageNet names. ImageNet-R and ImageNet-A hold 200 of the 1000 classes, so their
   classifier has only the classes that have a folder, as in CLIP's evaluation.
 * ImageNet-V2: folders ``0`` … ``999`` are the ImageNet-1k indices (sorted as numbers, not as strings).
 * ObjectNet: ``mappings/folder_to_objectnet_label.json`` and ``mappings/objectnet_to_imagenet_1k.json``
@@ -63,7 +63,7 @@ def layout_hint(name: str) -> str:
 
 
 def imagenet_synsets() -> list[str]:
-    """The 1000 ImageNet-1k WordNet ids in class-index order (the copy shipped with timm)."""
+    """Read the 1000 ImageNet-1k WordNet ids in class-index order (the copy shipped with timm)."""
     import timm.data
 
     path = Path(timm.data.__file__).parent / "_info" / "imagenet_synsets.txt"
@@ -91,7 +91,7 @@ def _collect(folders_and_labels: list[tuple[Path, int]]) -> tuple[list[str], lis
 
 
 def open_imagenet_family(name: str, root: Path, *, transform: Callable) -> LabelledSet:
-    """ImageNet-1k, -V2, -R, -A or -Sketch from a folder per class (see the module docstring)."""
+    """Open ImageNet-1k, -V2, -R, -A or -Sketch from one folder per class (see the module docstring)."""
     folders = _class_folders(root)
     if not folders:
         raise FileNotFoundError(f"dataset {name!r}: {root} has no class folders{layout_hint(name)}")
@@ -124,7 +124,7 @@ def open_imagenet_family(name: str, root: Path, *, transform: Callable) -> Label
 
 
 def open_objectnet(root: Path, *, transform: Callable) -> LabelledSet:
-    """ObjectNet restricted to its 113 ImageNet-overlapping classes."""
+    """Open ObjectNet restricted to its 113 classes that overlap ImageNet-1k."""
     mappings = root / "mappings"
     folder_to_label_file = mappings / "folder_to_objectnet_label.json"
     overlap_file = mappings / "objectnet_to_imagenet_1k.json"
@@ -146,7 +146,7 @@ def open_objectnet(root: Path, *, transform: Callable) -> LabelledSet:
 
 
 def open_cub(root: Path, *, split: str, transform: Callable) -> LabelledSet:
-    """CUB-200-2011 in its official layout; ``split`` is ``train`` or ``test`` (official flag)."""
+    """Open CUB-200-2011 in its official layout; ``split`` is ``train`` or ``test`` (the official flag)."""
     if (root / "CUB_200_2011").is_dir():
         root = root / "CUB_200_2011"
     needed = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
@@ -173,7 +173,7 @@ def open_cub(root: Path, *, split: str, transform: Callable) -> LabelledSet:
 
 
 def open_image_folder(name: str, root: Path, *, transform: Callable) -> LabelledSet:
-    """A generic class-per-subfolder tree (see the module docstring for names and order)."""
+    """Open a generic class-per-subfolder tree (see the module docstring for names and order)."""
     folders = _class_folders(root)
     if not folders:
         raise FileNotFoundError(f"dataset {name!r}: {root} has no class subfolders{layout_hint(name)}")

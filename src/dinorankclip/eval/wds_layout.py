@@ -9,7 +9,7 @@ The layout (as written by CLIP_benchmark's ``clip_benchmark_export_wds``)::
       test/nshards.txt                        number of shards n
       test/0.tar … test/{n-1}.tar             samples: <key>.{webp,png,jpg,jpeg} and <key>.cls
 
-Only classification is read here; a retrieval folder raises an error that says so.
+Only classification data is read here; a retrieval folder raises ValueError.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ LAYOUT = "ROOT/{classnames.txt,<split>/nshards.txt,<split>/0.tar,...} (CLIP_benc
 
 
 def is_wds_root(path: Path) -> bool:
-    """Whether ``path`` looks like a CLIP_benchmark WebDataset folder."""
+    """Return whether ``path`` looks like a CLIP_benchmark WebDataset folder."""
     return path.is_dir() and any(p.name == "nshards.txt" for p in path.glob("*/nshards.txt"))
 
 
@@ -79,7 +79,7 @@ def open_wds_classification(name: str, root: Path, *, split: str, transform: Cal
 
     Raises:
         FileNotFoundError: the split's ``nshards.txt``, a shard or ``classnames.txt`` is missing.
-        ValueError: the folder holds a retrieval dataset.
+        ValueError: the folder contains a retrieval dataset.
     """
     kind_file = root / "dataset_type.txt"
     kind = kind_file.read_text().strip().lower() if kind_file.is_file() else "classification"

@@ -1,4 +1,4 @@
-"""The paper's studies as commands: ranking-order sweep, fusion ablation and baselines.
+"""The studies of DinoRankCLIP (arXiv 2605.06592) as commands: order sweep, fusion ablation, baselines.
 
 Each study trains every run with the same data, trunk and step budget, evaluates every task, and writes
 ``results/*.json`` and ``report.md``: :func:`dinorankclip.studies.runner.run_study`. This package imports

@@ -51,7 +51,7 @@ def _mean(values) -> float:
 
 
 def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """One dict per run with the summary columns (NaN where a task was not run)."""
+    """Build one dict per run with the summary columns (NaN where a task was not run)."""
     rows = []
     for run in summary["runs"]:
         m = run_metrics(run["records"])

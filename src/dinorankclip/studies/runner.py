@@ -8,7 +8,7 @@ Output folder::
     OUT/plots/*.png            modality-gap plots per run and the study's comparison plots
     OUT/report.md              tables and plots
 
-A run whose folder holds ``model.safetensors`` and ``training_state.json`` is finished and is not trained
+A run whose folder contains ``model.safetensors`` and ``training_state.json`` is finished and is not trained
 again, and a run whose results file is newer than its model is not evaluated again, so an interrupted
 study continues where it stopped. A finished run whose saved config differs from the one the study
 would use stops the study with an error, instead of mixing two settings in one table.
@@ -38,7 +38,7 @@ _IGNORED_KEYS = {"train.output_dir", "train.device", "data.num_workers", "train.
 
 
 def is_finished(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a completed training run."""
+    """Return whether ``run_dir`` contains a completed training run."""
     return (run_dir / "model.safetensors").is_file() and (run_dir / "training_state.json").is_file()
 
 
@@ -71,8 +71,8 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
 
 def _run_config(spec: RunSpec, *, config: str, base: list[str], user: list[str], out: Path,
                 steps: int | None) -> Config:
-    # The run's own overrides come last among the settings, so a user override cannot silently turn one
-    # study into another; the output folder and the step count are the study's.
+    # The run's own overrides come after the user's, so that a user override cannot turn one study into
+    # another. The output folder and the step count are always the study's.
     overrides = base + user + list(spec.overrides) + [f"train.output_dir={out / 'runs' / spec.name}"]
     if steps is not None:
         overrides.append(f"train.steps={steps}")

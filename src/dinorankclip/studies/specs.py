@@ -1,7 +1,7 @@
 """The studies: which runs each one trains, and the study presets that size them.
 
-Every run of a study shares the data, the trunk, the batch size and the number of optimiser steps
-(matched compute); only the overrides listed here differ between its runs.
+Every run of a study shares the data, the trunk, the batch size and the number of optimiser steps, which
+is what matched compute means here. Only the overrides listed here differ between the runs.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class RunSpec:
 
 
 def study_runs(study: str, *, second_caption_column: str | None = None) -> list[RunSpec]:
-    """The runs of ``study``.
+    """List the runs of ``study``.
 
     Args:
         study: one of :data:`STUDIES`.
@@ -103,9 +103,9 @@ class StudyPreset:
 
 def _tiny_cpu() -> StudyPreset:
     # Steps per run, from single-thread CPU time measured on an AMD EPYC (Zen 4) core with torch 2.14:
-    # one step of batch 128 costs 3.5 s with fusion and 2.2 s without, and evaluating one run on the
-    # bundled sets costs about 25 s. With two dedicated cores a run takes at most that long, so each
-    # study below needs an estimated 35 to 40 minutes of its 60-minute budget (docs/studies.md).
+    # one step of batch 128 costs 3.5 s with fusion and 2.2 s without. Evaluating one run on the bundled
+    # sets costs about 25 s. Two dedicated cores take at most that long, so each study below needs an
+    # estimated 35 to 40 minutes of its 60-minute budget (docs/studies.md).
     return StudyPreset(
         config="tiny-cpu",
         overrides=(
@@ -134,7 +134,7 @@ PRESETS = {"tiny-cpu": _tiny_cpu}
 
 
 def get_preset(name: str) -> StudyPreset:
-    """A study preset by name; any other config preset or YAML file runs with its own settings."""
+    """Return the study preset ``name``; any other config preset or YAML file runs with its own settings."""
     if name in PRESETS:
         return PRESETS[name]()
     return StudyPreset(config=name)
