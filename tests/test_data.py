@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dinorankclip.data.counters import BadDataError, DataCounters
 from dinorankclip.data.csv_dataset import BadSample, CaptionDataset, collate_samples, read_table
 from dinorankclip.data.images import ImageDecodeError, load_image
 from dinorankclip.data.loader import ResumableBatchSampler
 from dinorankclip.data.transforms import PairedViews
-from dinorankclip.data.counters import BadDataError, DataCounters
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

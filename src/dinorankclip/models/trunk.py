@@ -88,7 +88,9 @@ def build_trunk(cfg: ModelConfig) -> tuple[nn.Module, TrunkSpec]:
     image_size = preprocess["size"]
     if isinstance(image_size, (tuple, list)):
         if image_size[0] != image_size[1]:
-            raise ConfigError(f"model.trunk={cfg.trunk!r} has a non-square input {image_size}; only square is supported")
+            raise ConfigError(
+                f"model.trunk={cfg.trunk!r} has a non-square input {image_size}; only square inputs are supported"
+            )
         image_size = image_size[0]
     spec = TrunkSpec(
         name=cfg.trunk,

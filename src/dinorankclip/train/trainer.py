@@ -155,18 +155,32 @@ class _Loop:
         self.counters = counters
         self.total_steps = cfg.train.steps
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._first_step_end = 0.0
 
-    def _fit_time_budget(self, step: int, started: float) -> None:
-        """After a few steps, shorten the schedule so the run ends within ``train.time_budget_minutes``."""
+    def _fit_time_budget(self, step: int, started: float) -> bool:
+        """Fit the schedule to ``train.time_budget_minutes``; return False once the budget is spent.
+
+        The step time is measured at steps 8, 16, 32, ... (excluding the first step, which includes worker
+        start-up) and the schedule is only ever shortened, so the cosine decay still reaches its end.
+        """
         budget = self.cfg.train.time_budget_minutes
-        if budget is None or step != min(8, self.total_steps - 1):
-            return
-        per_step = (time.perf_counter() - started) / step
-        fitted = max(step + 1, int(budget * 60 / per_step))
-        if fitted < self.total_steps:
-            logger.info("Time budget %.1f min at %.2f s/step: schedule shortened from %d to %d steps",
-                        budget, per_step, self.total_steps, fitted)
-            self.total_steps = fitted
+        if budget is None:
+            return True
+        elapsed = time.perf_counter() - started
+        if elapsed > budget * 60:
+            logger.info("Time budget of %.1f min spent after %d steps; stopping", budget, step)
+            self.total_steps = step
+            return False
+        if step == 1:
+            self._first_step_end = elapsed
+        if step >= 8 and step & (step - 1) == 0:
+            per_step = (elapsed - self._first_step_end) / (step - 1)
+            fitted = max(step + 1, int((budget * 60 - elapsed) / per_step) + step)
+            if fitted < self.total_steps:
+                logger.info("Time budget %.1f min at %.2f s/step: schedule shortened from %d to %d steps",
+                            budget, per_step, self.total_steps, fitted)
+                self.total_steps = fitted
+        return True
 
     def step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor] | None:
         cfg, device = self.cfg, self.ctx.device
@@ -179,8 +193,8 @@ class _Loop:
         teacher_view = batch["teacher_view"].to(device, non_blocking=True) if "teacher_view" in batch else None
         with _autocast(device, cfg.train.precision):
             teacher_out = self.teacher(batch) if self.teacher is not None else None
-            levels = teacher_out.patch_levels if (teacher_out is not None and cfg.fusion.injection_source == "teacher") \
-                else None
+            inject_teacher = teacher_out is not None and cfg.fusion.injection_source == "teacher"
+            levels = teacher_out.patch_levels if inject_teacher else None
             outputs = self.model(image, text, teacher_view, levels)
             if "text2" in batch:
                 # ALIP's second caption per image goes through the text side only.
@@ -222,7 +236,8 @@ class _Loop:
             self.counters.update(batch)
             if "image" not in batch:  # every sample of this batch was unreadable
                 continue
-            self._fit_time_budget(step, started)
+            if not self._fit_time_budget(step, started):
+                break
             progress.total = self.total_steps
             record = self.step(batch, step)
             if record is None:
