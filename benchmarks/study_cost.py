@@ -1,8 +1,8 @@
 """Measure the training cost of the study runs at CC3M scale: FLOPs per sample and CPU time per step.
 
 For each run type (DinoRankCLIP with fusion; the trunk alone as in the CLIP baselines) this script builds
-the real ``rn50-cc3m`` model (RN50 trunk at 224 px, DINOv3 ViT-B/16 teacher, ViT-Tiny student), runs
-training steps on real Flickr8k images from the bundled data and reports:
+the model of a config preset (default ``rn50-cc3m``: RN50 trunk at 224 px, DINOv3 ViT-B/16 teacher,
+ViT-Tiny student), runs training steps on real Flickr8k images from the bundled data and reports:
 
 * FLOPs per sample of one training step (teacher forward, model forward and backward, objective), counted
   with ``torch.utils.flop_counter.FlopCounterMode`` (matrix multiplications and convolutions);
@@ -14,6 +14,7 @@ The teacher has random weights (no DINOv3 file is needed): its cost does not dep
 
 Usage:
     PYTHONPATH=src python benchmarks/study_cost.py --batch 8 --steps 3 --out cost.json
+    PYTHONPATH=src python benchmarks/study_cost.py --config tiny-cpu --batch 128 --steps 4
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def _step(model, objective, teacher, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure(run_type: str, *, batch_size: int, steps: int, global_batch: int) -> dict:
-    cfg = load_config("rn50-cc3m", ["teacher.weights=random", "train.device=cpu", *RUN_TYPES[run_type]])
+def measure(run_type: str, *, config: str, batch_size: int, steps: int, global_batch: int) -> dict:
+    cfg = load_config(config, ["teacher.weights=random", "train.device=cpu", *RUN_TYPES[run_type]])
     torch.manual_seed(0)
     teacher, geometry = build_teacher_source(cfg, torch.device("cpu"))
     model = build_model(cfg, geometry)
@@ -89,6 +90,7 @@ def measure(run_type: str, *, batch_size: int, steps: int, global_batch: int) ->
         objective(outputs, None, progress=0.5)["loss"].backward()
     objective_flops = counter.get_total_flops()
     return {
+        "config": config,
         "run_type": run_type,
         "overrides": RUN_TYPES[run_type],
         "batch_size": batch_size,
@@ -104,6 +106,7 @@ def measure(run_type: str, *, batch_size: int, steps: int, global_batch: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="rn50-cc3m", help="config preset or YAML file (default rn50-cc3m)")
     parser.add_argument("--batch", type=int, default=8, help="pairs per measured step (default 8)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run type (default 3)")
     parser.add_argument("--global-batch", type=int, default=1024, help="batch for the objective's FLOPs")
@@ -114,7 +117,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = []
     for run_type in args.run_types:
-        result = measure(run_type, batch_size=args.batch, steps=args.steps, global_batch=args.global_batch)
+        result = measure(run_type, config=args.config, batch_size=args.batch, steps=args.steps,
+                         global_batch=args.global_batch)
         results.append(result)
         print(json.dumps(result), flush=True)
     if args.out:

@@ -59,7 +59,7 @@ def trained_run(tmp_path_factory, tiny_overrides, sample_data):
     cfg = load_config(None, list(tiny_overrides) + [
         f"data.train={sample_data / 'flickr8k' / 'train.csv'}",
         f"train.output_dir={out}",
-        "train.steps=20",
+        "train.steps=10",
         "train.batch_size=16",
         "train.lr=1e-3",
     ])

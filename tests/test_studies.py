@@ -48,16 +48,32 @@ def test_tiny_cpu_preset_matches_compute():
     assert set(skipped) == {("probe", "fgvc_aircraft"), ("probe", "stanford_cars")}
 
 
-def _small_eval(tmp_path: Path, sample_data: Path) -> EvalConfig:
-    rows = list(csv.DictReader((sample_data / "flickr8k" / "test.csv").open(newline="")))[:50]
-    pairs = tmp_path / "pairs.csv"
-    with pairs.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["filepath", "caption"])
+def _write_table(path: Path, rows: list[dict[str, str]], fields: list[str]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({"filepath": str(sample_data / "flickr8k" / r["filepath"]), "caption": r["caption"]}
-                         for r in rows)
-    dtd = str(sample_data / "dtd" / "labels.csv")
-    return EvalConfig(batch_size=64, zeroshot={"dtd": dtd}, retrieval=str(pairs), probe={"dtd": dtd},
+        writer.writerows(rows)
+    return path
+
+
+def _small_sets(tmp_path: Path, sample_data: Path) -> tuple[Path, Path]:
+    """Return 10 Flickr8k test pairs and 20 DTD images (2 per class), with absolute image paths."""
+    pairs = list(csv.DictReader((sample_data / "flickr8k" / "test.csv").open(newline="")))[:10]
+    for row in pairs:
+        row["filepath"] = str(sample_data / "flickr8k" / row["filepath"])
+    labels = list(csv.DictReader((sample_data / "dtd" / "labels.csv").open(newline="")))
+    labels = [row for i, row in enumerate(labels) if i % 10 < 2]
+    for row in labels:
+        row["filepath"] = str(sample_data / "dtd" / row["filepath"])
+    (tmp_path / "dtd").mkdir()
+    (tmp_path / "dtd" / "classnames.txt").write_text((sample_data / "dtd" / "classnames.txt").read_text())
+    return (_write_table(tmp_path / "pairs.csv", pairs, ["filepath", "caption"]),
+            _write_table(tmp_path / "dtd" / "labels.csv", labels, ["filepath", "label"]))
+
+
+def _small_eval(tmp_path: Path, sample_data: Path) -> EvalConfig:
+    pairs, dtd = _small_sets(tmp_path, sample_data)
+    return EvalConfig(batch_size=64, zeroshot={"dtd": str(dtd)}, retrieval=str(pairs), probe={"dtd": str(dtd)},
                       modality_gap=str(pairs), probe_c_values=[1.0, 10.0])
 
 
@@ -95,16 +111,10 @@ def test_order_sweep_end_to_end_and_resume(tmp_path, sample_data, tiny_overrides
 
 
 def test_baselines_command(tmp_path, sample_data, tiny_overrides, capsys):
-    pairs = tmp_path / "pairs.csv"
-    rows = list(csv.DictReader((sample_data / "flickr8k" / "test.csv").open(newline="")))[:25]
-    with pairs.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["filepath", "caption"])
-        writer.writeheader()
-        writer.writerows({"filepath": str(sample_data / "flickr8k" / r["filepath"]), "caption": r["caption"]}
-                         for r in rows)
+    pairs, dtd = _small_sets(tmp_path, sample_data)
     out = tmp_path / "baselines"
     code = main(["study", "baselines", "--out", str(out), "--steps", "1", "--device", "cpu",
-                 "--zeroshot", f"dtd={sample_data / 'dtd' / 'labels.csv'}", "--retrieval", str(pairs),
+                 "--zeroshot", f"dtd={dtd}", "--retrieval", str(pairs),
                  *tiny_overrides])
     assert code == 0
     assert "5 runs" in capsys.readouterr().out
