@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import list_presets
+from ..config import list_presets, load_config
 from .common import OVERRIDE_HELP
 
 NAME = "study"
@@ -54,6 +54,7 @@ def _add_study_parser(p) -> None:
 
 def run(args) -> int:
     from ..studies.runner import plan_study, run_study
+    from ..studies.specs import get_preset
     from .eval_cmd import eval_config_from_args
 
     if args.plan:
@@ -65,7 +66,8 @@ def run(args) -> int:
 
     eval_cfg, skipped = None, None
     if args.zeroshot or args.retrieval or args.probe or args.modality_gap or args.bundled_eval:
-        eval_cfg, skipped = eval_config_from_args(args, batch_size=256)
+        batch_size = load_config(get_preset(args.preset).config, list(args.overrides)).eval.batch_size
+        eval_cfg, skipped = eval_config_from_args(args, batch_size=batch_size)
     summary = run_study(args.study, out=args.out, preset=args.preset, steps=args.steps,
                         overrides=list(args.overrides), teacher_weights=args.teacher_weights,
                         second_caption_column=args.second_caption_column, eval_cfg=eval_cfg, skipped=skipped,
