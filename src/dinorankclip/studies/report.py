@@ -82,7 +82,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _param_columns(study: str) -> list[str]:
-    return {"order-sweep": ["order"], "fusion-ablation": ["fusion"], "baselines": ["loss", "fusion", "order"]}[study]
+    return {"order-sweep": ["order"], "fusion-ablation": [], "baselines": ["loss", "fusion", "order"]}[study]
 
 
 def _summary_table(study: str, rows: list[dict[str, Any]]) -> list[str]:
