@@ -102,8 +102,8 @@ def test_teacher_gets_no_gradient_and_stays_fixed(pairs_csv, tiny_overrides, tmp
     from dinorankclip.models.trunk import build_tokenizer
     from dinorankclip.train.distributed import DistributedContext
     from dinorankclip.train.optim import build_optimizer
+    from dinorankclip.train.step import StepRunner, TrainForward
     from dinorankclip.train.teacher_source import build_teacher_source
-    from dinorankclip.train.trainer import _Loop
 
     cfg = load_config("tiny-cpu", [*tiny_overrides, f"data.train={pairs_csv}", "train.steps=3"])
     teacher, geometry = build_teacher_source(cfg, torch.device("cpu"))
@@ -116,10 +116,13 @@ def test_teacher_gets_no_gradient_and_stays_fixed(pairs_csv, tiny_overrides, tmp
     batch = collate_samples([data[i] for i in range(8)])
     optimizer = build_optimizer([("model", model), ("objective", objective)], lr=1e-2, weight_decay=0.1,
                                 betas=(0.9, 0.98), eps=1e-6)
-    loop = _Loop(cfg, DistributedContext(), model, objective, teacher, optimizer, None, None)
+    runner = StepRunner(model=model, forward=TrainForward(model), objective=objective, teacher=teacher,
+                        optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                        ctx=DistributedContext(), image_mean=model.spec.image_mean, image_std=model.spec.image_std)
     student_before = model.student_image.proj[0].weight.detach().clone()
     for step in range(3):
-        assert loop.step(batch, step) is not None
+        assert runner.forward_backward(batch, progress=step / 3, on_loss=lambda terms: True) is not None
+        assert runner.apply(lr=1e-2)[1]
     assert all(p.grad is None for p in teacher.teacher.parameters())
     for key, value in teacher.teacher.state_dict().items():
         assert torch.equal(value, before[key]), key

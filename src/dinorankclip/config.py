@@ -191,22 +191,54 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: a CSV/TSV of image paths and captions."""
+    """Training data: a CSV/TSV of image paths and captions, or WebDataset shards (img2dataset layout)."""
 
-    train: str | None = None  # CSV/TSV file; paths inside are relative to its folder
+    train: str | None = None  # CSV/TSV file, or shards such as "data/shard-{000000..000099}.tar" ("::" joins lists)
     val: str | None = None  # optional held-out CSV/TSV for retrieval during training
+    format: Literal["auto", "csv", "webdataset"] = "auto"  # auto: webdataset when data.train names .tar files
     filepath_column: str = "filepath"
     caption_column: str = "caption"
     second_caption_column: str | None = None  # second caption per image (ALIP)
     separator: str | None = None  # None: tab for .tsv files, comma otherwise
-    num_workers: int = 2  # DataLoader worker processes
+    num_workers: int = 2  # DataLoader worker processes per training process
     max_bad_fraction: float = 0.05  # stop when more than this fraction of samples cannot be read
     exif_transpose: bool = True  # apply EXIF orientation before any crop (training, evaluation, teacher)
     augment: bool = True  # random resized crop in training (scale 0.9-1.0, as open_clip)
+    decode_draft: bool = True  # decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the crop
+    # WebDataset shards
+    num_samples: int | None = None  # samples per epoch; None: the sum of sizes.json next to the shards
+    resampled: bool = False  # draw shards with replacement instead of one pass per epoch
+    shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer; 0 keeps the order inside shards
+    image_key: str = "jpg;png;webp;jpeg"  # image member extensions, first match wins
+    caption_key: str = "txt"  # caption member extension, or "json:FIELD" for a field of the sample's .json
+    second_caption_key: str | None = None  # second caption in shards (ALIP), same syntax as caption_key
 
     def __post_init__(self) -> None:
+        _check_choice("data.format", self.format, ("auto", "csv", "webdataset"))
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
         _check_fraction("data.max_bad_fraction", self.max_bad_fraction)
+        _check_positive("data.num_samples", self.num_samples, allow_none=True)
+        _check_positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
+        if not [ext for ext in self.image_key.split(";") if ext.strip()]:
+            raise ConfigError(f"data.image_key={self.image_key!r} is invalid; give extensions such as 'jpg;png'")
+        for name in ("caption_key", "second_caption_key"):
+            value = getattr(self, name)
+            if value is None and name == "second_caption_key":
+                continue
+            if not value or value.strip() in ("", "json:"):
+                raise ConfigError(
+                    f"data.{name}={value!r} is invalid; give a member extension such as 'txt' or "
+                    "'json:FIELD' for a field of the sample's .json member"
+                )
+
+    @property
+    def is_webdataset(self) -> bool:
+        """Whether ``train`` names WebDataset shards (``format``, or .tar files when ``format`` is auto)."""
+        if self.format != "auto":
+            return self.format == "webdataset"
+        return self.train is not None and any(
+            part.strip().endswith((".tar", ".tar}", ".tgz", ".tar.gz")) for part in self.train.split("::")
+        )
 
 
 @dataclass
@@ -228,9 +260,13 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     seed: int = 0
     log_every: int = 10  # steps between metric records
-    checkpoint_every: int = 0  # steps between resumable checkpoints; 0 writes only the final one
+    checkpoint_every: int = 0  # steps between resumable checkpoints (plus one at the end); 0 writes none
     tensorboard: bool = True
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
+    grad_accum_steps: int = 1  # micro-batches per step; the contrastive batch stays train.batch_size
+    compile: bool = False  # torch.compile the model
+    resume: str | None = None  # "latest" (newest checkpoint of output_dir, if any) or a checkpoint folder
+    keep_checkpoints: int = 2  # resumable checkpoints kept in output_dir/checkpoints; 0 keeps all
 
     def __post_init__(self) -> None:
         _check_positive("train.steps", self.steps)
@@ -245,6 +281,13 @@ class TrainConfig:
         _check_positive("train.log_every", self.log_every)
         _check_positive("train.checkpoint_every", self.checkpoint_every, allow_zero=True)
         _check_positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
+        _check_positive("train.grad_accum_steps", self.grad_accum_steps)
+        _check_positive("train.keep_checkpoints", self.keep_checkpoints, allow_zero=True)
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by train.grad_accum_steps="
+                f"{self.grad_accum_steps}; every micro-batch must have the same size"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas={self.betas!r} is invalid; give two values in [0, 1)")
 

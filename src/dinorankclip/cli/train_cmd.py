@@ -17,6 +17,9 @@ def add_parser(sub) -> None:
     p.add_argument("--config", required=True, metavar="FILE",
                    help=f"YAML config file or preset name ({', '.join(list_presets())})")
     p.add_argument("--out", metavar="DIR", help="run folder; same as train.output_dir=DIR")
+    p.add_argument("--resume", metavar="latest|DIR",
+                   help="continue from the newest checkpoint of the run folder (latest; starts afresh when there is "
+                        "none) or from a checkpoint folder; same as train.resume=...")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
 
 
@@ -24,7 +27,8 @@ def run(args) -> int:
     from ..train.trainer import train
 
     overrides = list(args.overrides) + ([f"train.output_dir={args.out}"] if args.out else [])
+    overrides += [f"train.resume={args.resume}"] if args.resume else []
     cfg = load_config(args.config, overrides)
     summary = train(cfg)
-    print(json.dumps({k: summary[k] for k in ("run_dir", "steps", "seconds") if k in summary}, indent=2))
+    print(json.dumps({k: summary[k] for k in ("run_dir", "steps", "seconds", "preempted") if k in summary}, indent=2))
     return 0

@@ -1,8 +1,11 @@
 """Image-caption and image-label datasets read from CSV/TSV files.
 
 Paths inside a table are relative to the table's folder. A sample whose image is missing or unreadable
-does not stop the run: ``__getitem__`` returns a :class:`BadSample`, the collate function drops it and
-counts it, and the trainer raises once the bad fraction passes ``data.max_bad_fraction``.
+does not stop the run. For evaluation, ``__getitem__`` returns a :class:`BadSample` and the collate
+function drops and counts it. For training (``replace_bad=True``) the dataset draws a replacement
+sample from the sample's seed, so every batch is full, as all processes of a distributed job need equal
+batch shapes. The same seed always gives the same replacement. The skipped samples travel with the
+batch, and the trainer raises once the bad fraction passes ``data.max_bad_fraction``.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .counters import BadDataError
 from .images import ImageDecodeError, load_image
 
 __all__ = [
+    "MAX_REPLACEMENTS",
     "BadSample",
     "CaptionDataset",
     "LabelledImageDataset",
@@ -29,14 +34,28 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Unreadable samples in a row after which a training dataset gives up on finding a replacement.
+MAX_REPLACEMENTS = 16
+
 
 @dataclass
 class BadSample:
-    """Placeholder for a sample that could not be read."""
+    """Placeholder for a sample that could not be read.
+
+    Attributes:
+        index: row of the table (-1 for shard samples).
+        source: image file, or the shard for WebDataset samples.
+        reason: what failed, for the log.
+        kind: failure class counted in the metrics (``missing_file``, ``empty_image``, ``decode_error``,
+            ``missing_caption``, ``caption_not_utf8``, ``duplicate_key``, ``truncated_tar``, ...).
+        key: sample key (the path as written in the table, or the WebDataset ``__key__``).
+    """
 
     index: int
     source: str
     reason: str
+    kind: str = "decode_error"
+    key: str | None = None
 
 
 def _separator_for(path: Path, separator: str | None) -> str:
@@ -99,6 +118,12 @@ class CaptionDataset(Dataset):
         second_caption_column: optional column with another caption of the same image (ALIP); yields ``text2``.
         separator: field separator; None picks by file extension.
         exif_transpose: apply EXIF orientation.
+        decode_draft: decode large JPEGs at reduced scale, down to ``transform.decode_size``.
+        replace_bad: replace an unreadable sample by another drawn from its seed (training) instead of
+            returning a :class:`BadSample`.
+
+    Captions are stripped of surrounding whitespace. An empty or whitespace-only caption stays a
+    sample and is tokenised as the empty text (start and end tokens only), as evaluation does.
     """
 
     def __init__(
@@ -112,6 +137,8 @@ class CaptionDataset(Dataset):
         second_caption_column: str | None = None,
         separator: str | None = None,
         exif_transpose: bool = True,
+        decode_draft: bool = False,
+        replace_bad: bool = False,
     ) -> None:
         self.path = Path(path)
         columns = [filepath_column, caption_column] + ([second_caption_column] if second_caption_column else [])
@@ -127,23 +154,53 @@ class CaptionDataset(Dataset):
         self.transform = transform
         self.tokenizer = tokenizer
         self.exif_transpose = exif_transpose
+        self.min_decode_size = getattr(transform, "decode_size", None) if decode_draft else None
+        self.replace_bad = replace_bad
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def _load(self, index: int) -> Any:
+        return load_image(self.files[index], exif_transpose=self.exif_transpose, min_size=self.min_decode_size)
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | BadSample:
-        """Load one pair; ``key`` is an index or ``(index, seed)`` where the seed fixes the random crop."""
+        """Load one pair; ``key`` is an index or ``(index, seed)`` where the seed fixes the random crop.
+
+        With ``replace_bad`` the returned sample may come from another row; its ``skipped`` entry lists
+        the :class:`BadSample` records met on the way.
+
+        Raises:
+            BadDataError: with ``replace_bad``, ``MAX_REPLACEMENTS`` unreadable samples in a row.
+        """
         index, generator = _split_key(key)
-        try:
-            image = load_image(self.files[index], exif_transpose=self.exif_transpose)
-        except ImageDecodeError as err:
-            return BadSample(index=index, source=self.files[index], reason=str(err))
+        skipped: list[BadSample] = []
+        while True:
+            try:
+                image = self._load(index)
+                break
+            except ImageDecodeError as err:
+                bad = BadSample(index=index, source=self.files[index], reason=str(err), kind=err.kind,
+                                key=self.keys[index])
+                if not self.replace_bad:
+                    return bad
+                skipped.append(bad)
+                if len(skipped) >= MAX_REPLACEMENTS:
+                    raise BadDataError(
+                        f"{self.path}: {len(skipped)} unreadable images in a row, the last {bad.source} "
+                        f"({bad.reason}); check that the image paths are relative to the table's folder"
+                    ) from None
+                # The replacement and its crop depend only on the original seed and the attempt number.
+                seed = int(key[1]) if isinstance(key, tuple) else index
+                generator = torch.Generator().manual_seed((seed * 1_000_003 + len(skipped)) % (2**63))
+                index = int(torch.randint(len(self.files), (), generator=generator))
         sample = self.transform(image, generator)
         sample["text"] = self.tokenizer([self.captions[index].strip()])[0]
         if self.captions2 is not None:
             sample["text2"] = self.tokenizer([self.captions2[index].strip()])[0]
         sample["index"] = index
         sample["key"] = self.keys[index]
+        if self.replace_bad:
+            sample["skipped"] = skipped
         return sample
 
 
@@ -178,7 +235,7 @@ class LabelledImageDataset(Dataset):
         try:
             image = load_image(self.files[index], exif_transpose=self.exif_transpose)
         except ImageDecodeError as err:
-            return BadSample(index=index, source=self.files[index], reason=str(err))
+            return BadSample(index=index, source=self.files[index], reason=str(err), kind=err.kind)
         sample = self.transform(image, generator)
         sample["label"] = self.labels[index]
         sample["index"] = index
@@ -191,11 +248,14 @@ def collate_samples(samples: list[dict[str, Any] | BadSample]) -> dict[str, Any]
     Returns:
         A dict with the stacked tensors of the good samples (``image``, ``teacher_view``, ``text``, ...),
         ``index`` [B], ``key`` (list of B sample keys: the image path as written in the table),
-        ``num_bad`` (int), ``num_samples`` (int, good and bad) and ``bad`` (list of :class:`BadSample`).
+        ``num_bad`` (int), ``num_samples`` (int, good and bad) and ``bad`` (list of :class:`BadSample`,
+        the bad samples given plus those listed under ``skipped`` in a good sample).
     """
     good = [s for s in samples if not isinstance(s, BadSample)]
     bad = [s for s in samples if isinstance(s, BadSample)]
-    batch: dict[str, Any] = {"num_bad": len(bad), "bad": bad, "num_samples": len(samples)}
+    for sample in good:
+        bad.extend(sample.pop("skipped", ()))
+    batch: dict[str, Any] = {"num_bad": len(bad), "bad": bad, "num_samples": len(good) + len(bad)}
     if good:
         for key in good[0]:
             values = [s[key] for s in good]

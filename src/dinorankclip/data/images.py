@@ -25,7 +25,20 @@ BACKGROUND = (255, 255, 255)
 
 
 class ImageDecodeError(ValueError):
-    """An image file that is missing, empty, truncated or not an image."""
+    """An image file that is missing, empty, truncated or not an image.
+
+    Attributes:
+        kind: ``missing_file``, ``read_error``, ``empty_image`` or ``decode_error``; the bad-sample
+            counters in the training metrics are keyed by it.
+    """
+
+    def __init__(self, message: str, kind: str = "decode_error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):
+        # Keeps ``kind`` when the error crosses a DataLoader worker boundary.
+        return type(self), (str(self), self.kind)
 
 
 def to_rgb(image: Image.Image, *, exif_transpose: bool = True) -> Image.Image:
@@ -59,26 +72,38 @@ def to_rgb(image: Image.Image, *, exif_transpose: bool = True) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, *, exif_transpose: bool = True, name: str = "<bytes>") -> Image.Image:
+def decode_image(
+    data: bytes, *, exif_transpose: bool = True, name: str = "<bytes>", min_size: int | None = None
+) -> Image.Image:
     """Decode encoded image bytes (JPEG, PNG, WebP, ...) to RGB.
+
+    Args:
+        data: the encoded file.
+        exif_transpose: apply the EXIF orientation.
+        name: file or sample name for error messages.
+        min_size: when set, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale whose
+            shorter side is still at least ``min_size`` pixels (libjpeg's DCT scaling through Pillow's
+            ``Image.draft``). Other formats are decoded at full size.
 
     Raises:
         ImageDecodeError: empty, truncated or undecodable data.
     """
     if not data:
-        raise ImageDecodeError(f"{name}: image file is empty (0 bytes)")
+        raise ImageDecodeError(f"{name}: image file is empty (0 bytes)", "empty_image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+            if min_size is not None and image.format == "JPEG":
+                image.draft(image.mode, (min_size, min_size))
             image.load()  # forces a full decode so truncated files fail here, not in a worker later
         return to_rgb(image, exif_transpose=exif_transpose)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
 
 
-def load_image(path: str | Path, *, exif_transpose: bool = True) -> Image.Image:
-    """Read and decode an image file to RGB.
+def load_image(path: str | Path, *, exif_transpose: bool = True, min_size: int | None = None) -> Image.Image:
+    """Read and decode an image file to RGB (``min_size``: see :func:`decode_image`).
 
     Raises:
         ImageDecodeError: the file is missing, empty, truncated or not an image.
@@ -87,7 +112,7 @@ def load_image(path: str | Path, *, exif_transpose: bool = True) -> Image.Image:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ImageDecodeError(f"{path}: image file not found") from None
+        raise ImageDecodeError(f"{path}: image file not found", "missing_file") from None
     except OSError as err:
-        raise ImageDecodeError(f"{path}: cannot read image file ({err})") from None
-    return decode_image(data, exif_transpose=exif_transpose, name=str(path))
+        raise ImageDecodeError(f"{path}: cannot read image file ({err})", "read_error") from None
+    return decode_image(data, exif_transpose=exif_transpose, name=str(path), min_size=min_size)

@@ -16,7 +16,19 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-__all__ = ["PairedViews"]
+__all__ = ["PairedViews", "normalize_images"]
+
+
+def normalize_images(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Turn uint8 images [B, 3, H, W] into float32, scaled to [0, 1] and normalised with ``mean``, ``std``.
+
+    Gives exactly the values of ``PairedViews(output_uint8=False)``, which applies the same operations
+    to each image.
+    """
+    out = images.float().div_(255.0)
+    mean_t = torch.as_tensor(mean, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
+    return out.sub_(mean_t).div_(std_t)
 
 
 @dataclass
@@ -29,6 +41,9 @@ class PairedViews:
         teacher_size: teacher input size T in pixels; None produces no teacher view.
         train: draw a random resized crop; otherwise take the centre square.
         scale: area range of the random crop.
+        output_uint8: return both views as uint8 [3, H, W] without normalisation. The trainer
+            normalises whole batches on the device with :func:`normalize_images`, and uint8 batches
+            are a quarter of the size to pass between processes.
     """
 
     image_size: int
@@ -37,6 +52,20 @@ class PairedViews:
     teacher_size: int | None = None
     train: bool = False
     scale: tuple[float, float] = (0.9, 1.0)
+    output_uint8: bool = False
+
+    @property
+    def decode_size(self) -> int:
+        """Smallest image side that still gives every crop at least the output resolution.
+
+        A random crop has area at least ``scale[0]`` of the image and aspect ratio at most 4/3, so its
+        shorter side is at least sqrt(scale[0] * 3/4) of the image's shorter side. A centre crop
+        keeps the whole shorter side. Decoders may reduce large images to this size (JPEG draft).
+        """
+        out = max(self.image_size, self.teacher_size or 0)
+        if not self.train:
+            return out
+        return math.ceil(out / math.sqrt(self.scale[0] * 3 / 4))
 
     def crop_box(self, image: Image.Image, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
         """Return (top, left, height, width) of the crop shared by both views.
@@ -65,6 +94,12 @@ class PairedViews:
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         top, left, height, width = self.crop_box(image, generator)
         crop = image.crop((left, top, left + width, top + height))
+        if self.output_uint8:
+            # TF.resize on a PIL image calls PIL's resize, so these pixels equal the float path's.
+            views = {"image": TF.pil_to_tensor(crop.resize((self.image_size,) * 2, Image.BICUBIC))}
+            if self.teacher_size is not None:
+                views["teacher_view"] = TF.pil_to_tensor(crop.resize((self.teacher_size,) * 2, Image.BICUBIC))
+            return views
         trunk = TF.resize(crop, [self.image_size, self.image_size], InterpolationMode.BICUBIC, antialias=True)
         views = {"image": TF.normalize(TF.to_tensor(trunk), self.mean, self.std)}
         if self.teacher_size is not None:

@@ -5,13 +5,18 @@ A run folder holds:
 * ``config.yaml``: the resolved configuration;
 * ``model.safetensors``: the model's weights without any teacher tensor, with the config and the teacher
   geometry in the safetensors metadata, so :func:`load_model` rebuilds the model without a teacher;
-* ``training_state.json``: step, schedule length, elapsed time and data counters.
+* ``training_state.json``: step, schedule length, elapsed time and data counters;
+* ``checkpoints/step-NNNNNNNN/``: resumable checkpoints (see ``resume.py``).
+
+State-dict keys never carry the ``module.`` (DDP) or ``_orig_mod.`` (``torch.compile``) prefixes:
+saving unwraps the model and loading strips them from files written by other tools.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from ..config import Config, config_from_dict
@@ -103,7 +108,22 @@ def save_model(path: str | Path, model: nn.Module, cfg: Config) -> None:
         "config": json.dumps(cfg.to_dict()),
         "geometry": json.dumps(geometry),
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    blob = _sorted_header(save(tensors, metadata=metadata))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
+
+
+def _sorted_header(blob: bytes) -> bytes:
+    """Rewrite a safetensors file's JSON header with sorted keys.
+
+    safetensors (0.8.0) writes the metadata map in hash order, which changes between processes, so the
+    same weights would give different bytes. Sorted keys make the file a function of its content.
+    Offsets in the header are relative to the data section, so a new header length keeps them valid.
+    """
+    length = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + blob[8 + length:]
 
 
 def read_model_metadata(path: str | Path) -> tuple[Config, TeacherGeometry | None]:

@@ -1,12 +1,21 @@
-"""Training loop: AdamW, warm-up + cosine, logit-scale clamp, gradient clipping, autocast, metrics, checkpoints."""
+"""Training loop: set-up, schedule, metrics, resumable checkpoints, preemption and the non-finite guard.
+
+One process or a ``torchrun``/SLURM job of many, where only rank 0 logs metrics and writes files. The
+forward and backward passes (autocast, DDP, gradient accumulation) live in ``step.py``, the checkpoint
+format in ``resume.py``. SIGTERM and SIGUSR1 (preemption notices of SLURM and most clusters) make every
+process finish the current step, write a resumable checkpoint and return cleanly.
+``train.resume=latest`` continues from it.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import json
 import logging
-import math
 import random
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,21 +26,24 @@ from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
 from ..data.counters import BadDataError, DataCounters
-from ..data.csv_dataset import CaptionDataset
-from ..data.loader import ResumableBatchSampler, build_train_loader
+from ..data.loader import build_train_data
 from ..data.transforms import PairedViews
 from ..losses import Objective
 from ..models.dinorankclip import build_model
 from ..models.trunk import build_tokenizer
-from .checkpoint import save_model, write_json
+from .checkpoint import atomic_write, save_model, write_json
 from .distributed import DistributedContext, init_distributed
 from .metrics import MetricsWriter
 from .optim import build_optimizer, lr_factor
+from .resume import capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
+from .step import StepRunner, TrainForward
 from .teacher_source import build_teacher_source
 
 __all__ = ["BadDataError", "NonFiniteLossError", "seed_everything", "train"]
 
 logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,219 +66,376 @@ def _git_sha() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _autocast(device: torch.device, precision: str):
-    """Autocast context for ``train.precision``; auto means bf16 on CUDA and fp32 on CPU."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _check_config(cfg: Config) -> None:
+def _check_config(cfg: Config, ctx: DistributedContext) -> None:
     if cfg.data.train is None:
-        raise ConfigError("data.train is not set; give a CSV/TSV with filepath,caption columns (data.train=FILE)")
-    if cfg.loss.name == "alip" and not cfg.data.second_caption_column:
+        raise ConfigError("data.train is not set; give a CSV/TSV with filepath,caption columns or WebDataset shards")
+    if cfg.loss.name == "alip" and not (cfg.data.second_caption_column or cfg.data.second_caption_key):
         raise ConfigError(
-            "loss.name=alip needs a second caption per image; set data.second_caption_column=<column> "
-            "(a synthetic caption, or another human caption at toy scale)"
+            "loss.name=alip needs a second caption per image; set data.second_caption_column=<column> for a table "
+            "or data.second_caption_key=<ext or json:FIELD> for shards"
         )
+    parts = ctx.world_size * cfg.train.grad_accum_steps
+    if cfg.train.batch_size % parts:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} does not split over {ctx.world_size} processes × "
+            f"train.grad_accum_steps={cfg.train.grad_accum_steps} micro-batches; use a multiple of {parts}"
+        )
+
+
+def _enable_grad_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on activation checkpointing in every submodule that supports it (open_clip towers, timm ViTs)."""
+    for module in model.modules():
+        if module is not model and hasattr(module, "set_grad_checkpointing"):
+            module.set_grad_checkpointing(True)
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metric records after ``step`` (written by a run that stopped after its last checkpoint)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut by a kill
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
+
+
+class _StopSignal:
+    """Records SIGTERM/SIGUSR1; installed before the data workers start, so they inherit the handler too
+    (a forked worker then ignores the signal instead of dying before the checkpoint is written)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        logger.warning("Received %s: saving a checkpoint after the current step", signal.Signals(signum).name)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            logger.info("Not on the main thread: SIGTERM and SIGUSR1 keep their handlers")
+            return
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+
+    def uninstall(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
 
 def train(cfg: Config) -> dict[str, Any]:
     """Train a model as configured and write the run folder ``cfg.train.output_dir``.
 
     Returns:
-        A summary with ``run_dir``, ``steps``, ``seconds`` and the data counters.
+        A summary with ``run_dir``, ``steps``, ``seconds``, ``preempted`` and the data counters.
+
+    Raises:
+        BadDataError: more than ``data.max_bad_fraction`` of the samples could not be read.
+        NonFiniteLossError: ``train.max_nonfinite_steps`` non-finite losses in a row.
     """
-    _check_config(cfg)
     ctx = init_distributed(cfg.train.device)
-    device = ctx.device
-    run_dir = Path(cfg.train.output_dir)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
-    seed_everything(cfg.train.seed)
-
-    teacher, geometry = build_teacher_source(cfg, device)
-    model = build_model(cfg, geometry).to(device)
-    objective = Objective(cfg.loss, model.spec.embed_dim).to(device)
-    tokenizer = build_tokenizer(model.spec)
-    views = PairedViews(
-        image_size=model.spec.image_size,
-        mean=model.spec.image_mean,
-        std=model.spec.image_std,
-        teacher_size=geometry.image_size if geometry is not None else None,
-        train=cfg.data.augment,
-    )
-    dataset = CaptionDataset(
-        cfg.data.train,
-        transform=views,
-        tokenizer=tokenizer,
-        filepath_column=cfg.data.filepath_column,
-        caption_column=cfg.data.caption_column,
-        second_caption_column=cfg.data.second_caption_column,
-        separator=cfg.data.separator,
-        exif_transpose=cfg.data.exif_transpose,
-    )
-    sampler = ResumableBatchSampler(
-        len(dataset), cfg.train.batch_size, seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size
-    )
-    loader = build_train_loader(dataset, sampler, num_workers=cfg.data.num_workers,
-                                pin_memory=device.type == "cuda")
-    optimizer = build_optimizer(
-        [("model", model), ("objective", objective)],
-        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=tuple(cfg.train.betas), eps=cfg.train.eps,
-    )
-    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("Model: %.2fM trainable parameters; data: %d pairs from %s", num_params / 1e6, len(dataset),
-                cfg.data.train)
-
-    writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard) if ctx.is_main else None
-    counters = DataCounters(cfg.data.max_bad_fraction)
-    loop = _Loop(cfg, ctx, model, objective, teacher, optimizer, writer, counters)
+    stop = _StopSignal()
+    stop.install()
     try:
-        summary = loop.run(iter(loader), batches_per_epoch=sampler.batches_per_epoch)
+        _check_config(cfg, ctx)
+        return _Run(cfg, ctx, stop).run()
     finally:
-        if writer is not None:
-            writer.close()
-    if ctx.is_main:
-        save_model(run_dir / "model.safetensors", model, cfg)
-        summary.update(run_dir=str(run_dir), git_sha=_git_sha(), samples_seen=counters.seen,
-                       samples_skipped=counters.bad, dataset_size=len(dataset))
-        write_json(run_dir / "training_state.json", summary)
-        logger.info("Finished %d steps in %.1f s; model saved to %s", summary["steps"], summary["seconds"],
-                    run_dir / "model.safetensors")
-    return summary
+        stop.uninstall()
+        ctx.shutdown()
 
 
-class _Loop:
-    """One training run's step loop; kept separate so the set-up above stays readable."""
+class _Run:
+    """One training run: set-up in ``__init__``, the step loop in :meth:`run`."""
 
-    def __init__(self, cfg, ctx: DistributedContext, model, objective, teacher, optimizer, writer, counters):
+    def __init__(self, cfg: Config, ctx: DistributedContext, stop: _StopSignal) -> None:
         self.cfg = cfg
         self.ctx = ctx
-        self.model = model
-        self.objective = objective
-        self.teacher = teacher
-        self.optimizer = optimizer
-        self.writer = writer
-        self.counters = counters
+        self.stop = stop
+        device = ctx.device
+        self.run_dir = Path(cfg.train.output_dir)
+        # The saved config describes the run, not how this process was started.
+        self.saved_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=None))
+        self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.saved_cfg.save(self.run_dir / "config.yaml")
+        seed_everything(cfg.train.seed)
+
+        self.teacher, geometry = build_teacher_source(cfg, device)
+        self.model = build_model(cfg, geometry).to(device)
+        if cfg.model.grad_checkpointing:
+            _enable_grad_checkpointing(self.model)
+        self.objective = Objective(cfg.loss, self.model.spec.embed_dim).to(device)
+        self.optimizer = build_optimizer(
+            [("model", self.model), ("objective", self.objective)],
+            lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=tuple(cfg.train.betas), eps=cfg.train.eps,
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+
+        self.step = 0
         self.total_steps = cfg.train.steps
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._first_step_end = 0.0
+        self.elapsed_before = 0.0
+        self.first_step_seconds = 0.0
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        self.counters = DataCounters(cfg.data.max_bad_fraction)
+        data_state, rng_state = None, None
+        if self.resume_from is not None:
+            data_state, rng_state = self._load(self.resume_from)
 
-    def _fit_time_budget(self, step: int, started: float) -> bool:
-        """Fit the schedule to ``train.time_budget_minutes``; return False once the budget is spent.
+        forward: torch.nn.Module = TrainForward(self.model)
+        if ctx.enabled:
+            # NOTE: some configurations leave parameters without gradient, such as the student ViT's final
+            # norm, whose output the student never reads. Without find_unused_parameters DDP would never
+            # reduce their bucket and would fail on the next step.
+            forward = torch.nn.parallel.DistributedDataParallel(
+                forward, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        if cfg.train.compile:
+            forward = torch.compile(forward)
+        self.runner = StepRunner(
+            model=self.model, forward=forward, objective=self.objective, teacher=self.teacher,
+            optimizer=self.optimizer, scaler=self.scaler, ctx=ctx, image_mean=self.model.spec.image_mean,
+            image_std=self.model.spec.image_std, precision=cfg.train.precision,
+            accum_steps=cfg.train.grad_accum_steps, grad_clip=cfg.train.grad_clip,
+            inject_teacher=cfg.fusion.enabled and cfg.fusion.injection_source == "teacher",
+            second_text=cfg.loss.name == "alip",
+        )
+        views = PairedViews(
+            image_size=self.model.spec.image_size, mean=self.model.spec.image_mean, std=self.model.spec.image_std,
+            teacher_size=geometry.image_size if geometry is not None else None, train=cfg.data.augment,
+            output_uint8=True,
+        )
+        self.stop_agreed = False  # set when any process got a signal, so all stop after the same step
+        self.data = build_train_data(
+            cfg.data, transform=views, tokenizer=build_tokenizer(self.model.spec), batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size, state=data_state,
+            pin_memory=device.type == "cuda",
+        )
+        # Restored last: creating the data iterator draws from the torch RNG, as it did in the first run.
+        if rng_state is not None:
+            restore_rng(rng_state, device)
+        num_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        logger.info("Model: %.2fM trainable parameters; data: %s (%s samples per epoch)", num_params / 1e6,
+                    cfg.data.train, self.data.num_samples or "unknown")
 
-        The step time is measured at steps 8, 16, 32, ... (excluding the first step, which includes worker
-        start-up) and the schedule is only ever shortened, so the cosine decay still reaches its end.
+    def _load(self, path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        state, rng_states = load_checkpoint(path, model=self.model, objective=self.objective,
+                                            optimizer=self.optimizer, scaler=self.scaler)
+        self.step = int(state["step"])
+        self.elapsed_before = float(state["elapsed_seconds"])
+        self.nonfinite_total = int(state.get("nonfinite_steps", 0))
+        self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self.counters.load_state_dict(state["counters"])
+        saved_steps = int(state["config_steps"])
+        self.total_steps = int(state["total_steps"]) if saved_steps == self.cfg.train.steps else self.cfg.train.steps
+        if saved_steps != self.cfg.train.steps:
+            logger.warning("Resuming with train.steps=%d, but the checkpoint's schedule has %d steps (%d after the "
+                           "time budget); the learning-rate schedule changes from here on", self.cfg.train.steps,
+                           saved_steps, int(state["total_steps"]))
+        data_states = state["data"]
+        same_layout = len(data_states) == self.ctx.world_size
+        if not same_layout:
+            logger.warning("The checkpoint was written by %d processes and this run has %d; each process resumes "
+                           "with rank 0's data position and RNG state", len(data_states), self.ctx.world_size)
+        index = self.ctx.rank if same_layout else 0
+        logger.info("Resumed from %s at step %d of %d", path, self.step, self.total_steps)
+        if self.ctx.is_main:
+            _truncate_metrics(self.run_dir, self.step)
+        return data_states[index], rng_states[index] if len(rng_states) > index else None
+
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _fit_time_budget(self, steps_this_run: int, started: float) -> None:
+        """Fit the schedule to ``train.time_budget_minutes``; end it at this step once the budget is spent.
+
+        The budget covers the whole run, earlier runs of a resumed one included. The step time is measured
+        after 8, 16, 32, ... steps of this process, without the first step (which includes worker
+        start-up), and the schedule is only ever shortened, so the cosine decay still reaches its end.
+        Times are averaged over processes, so every process takes the same decision.
         """
         budget = self.cfg.train.time_budget_minutes
         if budget is None:
-            return True
-        elapsed = time.perf_counter() - started
+            return
+        seconds = self.ctx.all_reduce_sum(torch.tensor([time.perf_counter() - started], dtype=torch.float64))
+        seconds = float(seconds) / self.ctx.world_size
+        elapsed = self.elapsed_before + seconds
         if elapsed > budget * 60:
-            logger.info("Time budget of %.1f min spent after %d steps; stopping", budget, step)
-            self.total_steps = step
-            return False
-        if step == 1:
-            self._first_step_end = elapsed
-        if step >= 8 and step & (step - 1) == 0:
-            per_step = (elapsed - self._first_step_end) / (step - 1)
-            fitted = max(step + 1, int((budget * 60 - elapsed) / per_step) + step)
+            logger.info("Time budget of %.1f min spent after %d steps; stopping", budget, self.step)
+            self.total_steps = self.step
+            return
+        if steps_this_run == 1:
+            self.first_step_seconds = seconds
+        if steps_this_run >= 8 and steps_this_run & (steps_this_run - 1) == 0:
+            per_step = (seconds - self.first_step_seconds) / (steps_this_run - 1)
+            fitted = max(self.step + 1, self.step + int((budget * 60 - elapsed) / per_step))
             if fitted < self.total_steps:
                 logger.info("Time budget %.1f min at %.2f s/step: schedule shortened from %d to %d steps",
                             budget, per_step, self.total_steps, fitted)
                 self.total_steps = fitted
-        return True
 
-    def step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor] | None:
-        cfg, device = self.cfg, self.ctx.device
-        factor = lr_factor(step, warmup_steps=cfg.train.warmup_steps, total_steps=self.total_steps,
-                           min_ratio=cfg.train.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.train.lr * factor
-        image = batch["image"].to(device, non_blocking=True)
-        text = batch["text"].to(device, non_blocking=True)
-        teacher_view = batch["teacher_view"].to(device, non_blocking=True) if "teacher_view" in batch else None
-        with _autocast(device, cfg.train.precision):
-            teacher_out = self.teacher(batch) if self.teacher is not None else None
-            inject_teacher = teacher_out is not None and cfg.fusion.injection_source == "teacher"
-            levels = teacher_out.patch_levels if inject_teacher else None
-            outputs = self.model(image, text, teacher_view, levels)
-            if "text2" in batch:
-                # ALIP's second caption per image goes through the text side only.
-                text2 = batch["text2"].to(device, non_blocking=True)
-                outputs["second_text_features"] = self.model.encode_text_all(text2)["text_features"]
-            terms = self.objective(outputs, teacher_out, progress=step / max(1, self.total_steps), batch=batch)
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        loss.backward()
-        clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.clamp_logit_scale()
-        record = {name: value.detach() for name, value in terms.items() if torch.is_tensor(value)}
-        record["grad_norm"] = grad_norm.detach()
-        record["lr"] = torch.tensor(cfg.train.lr * factor)
-        record["logit_scale"] = outputs["logit_scale"].detach()
-        if outputs.get("image_gate") is not None:
-            record["gate_mean"] = outputs["image_gate"].detach().float().mean()
-        return record
+    def _agree(self, terms: dict[str, torch.Tensor], counts: torch.Tensor) -> bool:
+        """Sum flags and data counts over processes; every process takes the same decision from the sums."""
+        flags = torch.tensor([0 if bool(torch.isfinite(terms["loss"])) else 1, int(self.stop.received)])
+        total = self.ctx.all_reduce_sum(torch.cat([flags, counts]))
+        self.stop_agreed = self.stop_agreed or bool(total[1] > 0)
+        self.counters.apply(total[2:])
+        return bool(total[0] == 0)
 
-    def run(self, batches, *, batches_per_epoch: int) -> dict[str, Any]:
+    def _nonfinite(self, terms: dict[str, torch.Tensor]) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_in_row += 1
+        scalars = {k: float(v.detach()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
+        values = ", ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+        logger.warning("Step %d: non-finite loss or gradient, update skipped (%d in a row); %s", self.step + 1,
+                       self.nonfinite_in_row, values)
+        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the loss or its gradient was non-finite for {self.nonfinite_in_row} steps in a row, the last at "
+                f"step {self.step + 1}; loss terms: {values}. Lower train.lr, use train.precision=fp32 or bf16, "
+                "or check the data"
+            )
+
+    def _training_state(self, started: float) -> dict[str, Any]:
+        data_states = self.ctx.gather_objects(self.data.state_dict())
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "config_steps": self.cfg.train.steps,
+            "elapsed_seconds": self.elapsed_before + time.perf_counter() - started,
+            "nonfinite_steps": self.nonfinite_total,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "counters": self.counters.state_dict(),
+            "world_size": self.ctx.world_size,
+            "data": data_states,
+        }
+
+    def _checkpoint(self, started: float) -> Path | None:
+        """Write a resumable checkpoint (collective: every process must call it at the same step)."""
+        state = self._training_state(started)
+        rng_states = self.ctx.gather_objects(capture_rng(self.ctx.device))
+        path = None
+        if self.ctx.is_main:
+            path = save_checkpoint(self.run_dir, step=self.step, cfg=self.saved_cfg, model=self.model,
+                                   objective=self.objective, optimizer=self.optimizer, scaler=self.scaler,
+                                   rng_states=rng_states, training_state=state, keep=self.cfg.train.keep_checkpoints)
+            logger.info("Checkpoint written: %s", path)
+        self.ctx.barrier()
+        return path
+
+    def _log(self, writer: MetricsWriter | None, record: dict[str, torch.Tensor], window: dict[str, float]) -> None:
+        """Average the step's values over processes and write them (collective at log steps)."""
+        names = sorted(record)
+        values = torch.stack([record[name].detach().float().reshape(()).cpu() for name in names])
+        values = self.ctx.all_reduce_sum(values) / self.ctx.world_size
+        if writer is None:
+            return
+        now = time.perf_counter()
+        out = dict(zip(names, values.tolist(), strict=True))
+        out.update(
+            samples_per_second=window["samples"] / max(1e-9, now - window["start"]),
+            data_time=window["data_time"],
+            epoch=self.data.batches / self.data.batches_per_epoch if self.data.batches_per_epoch else None,
+            nonfinite_steps=self.nonfinite_total,
+            **self.counters.metrics(),
+        )
+        if self.ctx.device.type == "cuda":
+            out["memory_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        writer.write(self.step, {k: v for k, v in out.items() if v is not None})
+
+    def _train_on(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """Take one optimiser step on ``batch``.
+
+        Returns:
+            The step's values to log (loss terms, lr, gradient norm, logit scale, mean gate), or None when
+            the loss or the gradient was non-finite and the update was skipped.
+        """
         cfg = self.cfg
+        counts = self.counters.record(batch)
+        seen_terms: dict[str, torch.Tensor] = {}
+
+        def on_loss(terms: dict[str, torch.Tensor]) -> bool:
+            seen_terms.update(terms)
+            return self._agree(terms, counts)
+
+        result = self.runner.forward_backward(batch, progress=self.step / max(1, self.total_steps), on_loss=on_loss)
+        if result is not None:
+            terms, outputs = result
+            lr = cfg.train.lr * lr_factor(self.step, warmup_steps=cfg.train.warmup_steps, total_steps=self.total_steps,
+                                          min_ratio=cfg.train.min_lr_ratio)
+            grad_norm, applied = self.runner.apply(lr)
+            if applied:
+                self.nonfinite_in_row = 0
+                record = {k: v.detach() for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
+                record.update(grad_norm=grad_norm, lr=torch.tensor(lr), logit_scale=outputs["logit_scale"].detach())
+                if outputs.get("image_gate") is not None:
+                    record["gate_mean"] = outputs["image_gate"].detach().float().mean()
+                return record
+        self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite(seen_terms)
+        return None
+
+    def run(self) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        writer = MetricsWriter(self.run_dir, tensorboard=cfg.train.tensorboard) if ctx.is_main else None
+        started = time.perf_counter()
+        window = {"start": started, "samples": 0.0, "data_time": 0.0}
+        preempted = False
+        steps_this_run = 0
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not ctx.is_main, desc="train",
+                        unit="step", dynamic_ncols=True)
         self.model.train()
         self.objective.train()
-        started = time.perf_counter()
-        window_start, window_samples, data_time = started, 0, 0.0
-        nonfinite_in_row, nonfinite_total = 0, 0
-        progress = tqdm(total=self.total_steps, disable=not self.ctx.is_main, desc="train", unit="step",
-                        dynamic_ncols=True)
-        step = 0
-        while step < self.total_steps:
-            fetch_start = time.perf_counter()
-            batch = next(batches)
-            data_time += time.perf_counter() - fetch_start
-            self.counters.update(batch)
-            if "image" not in batch:  # every sample of this batch was unreadable
-                continue
-            if not self._fit_time_budget(step, started):
-                break
-            progress.total = self.total_steps
-            record = self.step(batch, step)
-            if record is None:
-                nonfinite_in_row += 1
-                nonfinite_total += 1
-                logger.warning("Step %d: non-finite loss, update skipped (%d in a row)", step, nonfinite_in_row)
-                if nonfinite_in_row >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"the loss was non-finite for {nonfinite_in_row} steps in a row (last at step {step}); "
-                        "lower train.lr or check the data"
-                    )
-                continue
-            nonfinite_in_row = 0
-            window_samples += batch["image"].shape[0] * self.ctx.world_size
-            step += 1
-            progress.update(1)
-            if self.writer is not None and (step % cfg.train.log_every == 0 or step == self.total_steps):
-                now = time.perf_counter()
-                values = {k: float(v) for k, v in record.items()}
-                values.update(
-                    samples_per_second=window_samples / max(1e-9, now - window_start),
-                    data_time=data_time,
-                    epoch=step / max(1, batches_per_epoch),
-                    samples_skipped=self.counters.bad,
-                    nonfinite_steps=nonfinite_total,
-                )
-                self.writer.write(step, values)
-                progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
-                window_start, window_samples, data_time = now, 0, 0.0
-        progress.close()
-        return {"steps": step, "total_steps": self.total_steps, "seconds": time.perf_counter() - started,
-                "nonfinite_steps": nonfinite_total}
+        try:
+            while self.step < self.total_steps:
+                fetch_start = time.perf_counter()
+                batch = next(self.data)
+                window["data_time"] += time.perf_counter() - fetch_start
+                record = self._train_on(batch)
+                if record is not None:
+                    self.step += 1
+                    steps_this_run += 1
+                    window["samples"] += batch["image"].shape[0] * ctx.world_size
+                    progress.update(1)
+                    self._fit_time_budget(steps_this_run, started)
+                    progress.total = self.total_steps
+                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                        self._log(writer, record, window)
+                        progress.set_postfix(loss=f"{float(record['loss']):.3f}", lr=f"{float(record['lr']):.2e}")
+                        window = {"start": time.perf_counter(), "samples": 0.0, "data_time": 0.0}
+                    every = cfg.train.checkpoint_every
+                    if every and (self.step % every == 0 or self.step == self.total_steps):
+                        self._checkpoint(started)  # the last one lets a later run extend the schedule
+                if self.stop_agreed and self.step < self.total_steps:
+                    path = self._checkpoint(started)
+                    logger.warning("Stopped at step %d on a signal; resume with train.resume=latest%s", self.step,
+                                   f" (checkpoint {path})" if path else "")
+                    preempted = True
+                    break
+        finally:
+            progress.close()
+            self.data.close()
+            if writer is not None:
+                writer.close()
+
+        summary: dict[str, Any] = {
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "seconds": self.elapsed_before + time.perf_counter() - started,
+            "nonfinite_steps": self.nonfinite_total,
+            "preempted": preempted,
+            "run_dir": str(self.run_dir),
+            "resumed_from": str(self.resume_from) if self.resume_from else None,
+            **self.counters.metrics(),
+        }
+        if ctx.is_main and not preempted:
+            save_model(self.run_dir / "model.safetensors", self.model, self.saved_cfg)
+            summary.update(git_sha=_git_sha(), world_size=ctx.world_size, num_samples=self.data.num_samples)
+            write_json(self.run_dir / "training_state.json", summary)
+            logger.info("Finished %d steps in %.1f s; model saved to %s", self.step, summary["seconds"],
+                        self.run_dir / "model.safetensors")
+        return summary

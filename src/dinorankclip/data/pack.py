@@ -1,0 +1,144 @@
+"""Write WebDataset shards (img2dataset layout) from a CSV/TSV table of image paths and captions.
+
+Each sample is ``KEY.jpg`` (or ``.png``/``.webp``: the image bytes as stored, never re-encoded),
+``KEY.txt`` (the caption, UTF-8) and ``KEY.json`` (key, caption, source path and, when given, the
+second caption), with KEY the zero-padded table row. Shards are written to a temporary file and
+renamed, and ``sizes.json`` maps each shard's file name to its sample count (the file open_clip reads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from webdataset import TarWriter
+
+from .csv_dataset import read_table
+
+__all__ = ["PackResult", "image_extension", "pack_shards"]
+
+logger = logging.getLogger(__name__)
+
+_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"), (b"BM", "bmp"))
+
+
+def image_extension(data: bytes, path: str) -> str:
+    """Return the member extension for encoded image bytes: from the file signature, else the file suffix."""
+    for magic, extension in _MAGIC:
+        if data.startswith(magic):
+            return extension
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return "jpg" if suffix == "jpeg" else suffix or "jpg"
+
+
+@dataclass
+class PackResult:
+    """Shards, sample counts and skipped rows written by :func:`pack_shards`."""
+
+    shards: list[Path]
+    sizes: dict[str, int]
+    pattern: str  # brace pattern of all shards, for data.train
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.sizes.values())
+
+
+def _write_shard(path: Path, samples: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # A fixed integer mtime makes shards reproducible and lets tarfile write plain ustar headers (a float
+        # mtime needs a PAX header per member, which costs time on every read).
+        with TarWriter(str(tmp), mtime=0) as writer:
+            for sample in samples:
+                writer.write(sample)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def pack_shards(
+    table: str | Path,
+    out_dir: str | Path,
+    *,
+    shard_size: int = 1000,
+    prefix: str = "shard",
+    filepath_column: str = "filepath",
+    caption_column: str = "caption",
+    second_caption_column: str | None = None,
+    separator: str | None = None,
+) -> PackResult:
+    """Write the pairs of ``table`` as shards ``{out_dir}/{prefix}-NNNNNN.tar`` plus ``sizes.json``.
+
+    Rows whose image file is missing, unreadable or empty are skipped and listed in the result.
+
+    Args:
+        table: CSV/TSV with image paths (relative to the table's folder) and captions.
+        out_dir: output folder (created).
+        shard_size: samples per shard.
+        prefix: shard file-name prefix.
+        filepath_column, caption_column, second_caption_column, separator: as in the training config.
+
+    Raises:
+        ValueError: ``shard_size`` < 1, a missing column, or no readable image at all.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard size {shard_size} is invalid; give at least 1 sample per shard")
+    table = Path(table)
+    columns = [filepath_column, caption_column] + ([second_caption_column] if second_caption_column else [])
+    rows = read_table(table, columns, separator=separator)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    width = max(9, len(str(len(rows))))
+    result = PackResult(shards=[], sizes={}, pattern="")
+    pending: list[dict] = []
+
+    def flush() -> None:
+        path = out / f"{prefix}-{len(result.shards):06d}.tar"
+        _write_shard(path, pending)
+        result.shards.append(path)
+        result.sizes[path.name] = len(pending)
+        pending.clear()
+
+    for row_number, row in enumerate(rows):
+        source = row[filepath_column]
+        try:
+            data = (table.parent / source).read_bytes()
+        except OSError as err:
+            result.skipped.append((source, f"cannot read ({err.strerror or err})"))
+            continue
+        if not data:
+            result.skipped.append((source, "empty file"))
+            continue
+        key = f"{row_number:0{width}d}"
+        caption = row[caption_column] or ""
+        meta = {"key": key, "caption": caption, "filepath": source}
+        sample = {"__key__": key, image_extension(data, source): data, "txt": caption}
+        if second_caption_column:
+            meta[second_caption_column] = row[second_caption_column] or ""
+        sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        pending.append(sample)
+        if len(pending) == shard_size:
+            flush()
+    if pending:
+        flush()
+    if not result.shards:
+        raise ValueError(f"{table}: no row has a readable image; nothing was written")
+    sizes_path = out / "sizes.json"
+    tmp = sizes_path.with_name(f".sizes.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result.sizes, indent=1) + "\n")
+    os.replace(tmp, sizes_path)
+    last = len(result.shards) - 1
+    result.pattern = str(out / (f"{prefix}-{{000000..{last:06d}}}.tar" if last else f"{prefix}-000000.tar"))
+    for source, reason in result.skipped[:10]:
+        logger.warning("Skipped %s: %s", source, reason)
+    if len(result.skipped) > 10:
+        logger.warning("%d more rows skipped", len(result.skipped) - 10)
+    return result
