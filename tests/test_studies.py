@@ -145,3 +145,22 @@ def test_plan_commands_match_study_configs(tmp_path, tiny_overrides):
         trained = load_config(args.config, list(args.overrides) + [f"train.output_dir={args.out}"])
         assert _flatten(trained.to_dict()) == _flatten(configs[run.name].to_dict())
         assert trained.train.steps == 7
+
+
+def test_interrupted_run_resumes_from_checkpoint(tmp_path, tiny_overrides):
+    from dinorankclip.studies.runner import _study_configs, _train_run
+    from dinorankclip.train.trainer import train
+
+    overrides = list(tiny_overrides) + ["train.checkpoint_every=1"]
+    _, runs, configs = _study_configs("order-sweep", out=tmp_path, preset="tiny-cpu", steps=2, overrides=overrides,
+                                      teacher_weights=None, second_caption_column=None, device="cpu")
+    cfg = configs[runs[0].name]
+    train(cfg)
+    run_dir = Path(cfg.train.output_dir)
+    # A run stopped after its last checkpoint but before the final files were written.
+    (run_dir / "model.safetensors").unlink()
+    (run_dir / "training_state.json").unlink()
+    summary = _train_run(runs[0], cfg)
+    assert summary["resumed_from"] is not None
+    assert Path(summary["resumed_from"]).parent == run_dir / "checkpoints"
+    assert (run_dir / "model.safetensors").is_file()

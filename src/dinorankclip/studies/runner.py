@@ -9,8 +9,9 @@ Output folder::
     OUT/report.md              tables and plots
 
 A run whose folder contains ``model.safetensors`` and ``training_state.json`` is finished and is not trained
-again, and a run whose results file is newer than its model is not evaluated again, so an interrupted
-study continues where it stopped. A finished run whose saved config differs from the one the study
+again, and a run whose results file is newer than its model is not evaluated again. A run that was
+interrupted continues from its newest checkpoint (``train.resume=latest``), so an interrupted study
+continues where it stopped. A finished run whose saved config differs from the one the study
 would use stops the study with an error, instead of mixing two settings in one table.
 """
 
@@ -34,7 +35,8 @@ __all__ = ["is_finished", "plan_study", "run_study"]
 logger = logging.getLogger(__name__)
 
 # Config keys that may differ between a finished run and a rerun without changing what was trained.
-_IGNORED_KEYS = {"train.output_dir", "train.device", "data.num_workers", "train.tensorboard", "eval"}
+_IGNORED_KEYS = {"train.output_dir", "train.device", "train.resume", "data.num_workers", "train.tensorboard",
+                 "eval"}
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -73,7 +75,9 @@ def _run_config(spec: RunSpec, *, config: str, base: list[str], user: list[str],
                 steps: int | None) -> Config:
     # The run's own overrides come after the user's, so that a user override cannot turn one study into
     # another. The output folder and the step count are always the study's.
-    overrides = base + user + list(spec.overrides) + [f"train.output_dir={out / 'runs' / spec.name}"]
+    # train.resume=latest continues an interrupted run from its newest checkpoint and starts a new one fresh.
+    overrides = base + user + list(spec.overrides) + [f"train.output_dir={out / 'runs' / spec.name}",
+                                                      "train.resume=latest"]
     if steps is not None:
         overrides.append(f"train.steps={steps}")
     return load_config(config, overrides)
@@ -142,7 +146,8 @@ def plan_study(study: str, *, out: str | Path, preset: str = "tiny-cpu", steps: 
     for run in runs:
         cfg = configs[run.name]
         base = list(spec.overrides) + ([f"teacher.weights={teacher_weights}"] if teacher_weights else [])
-        args = base + list(overrides or []) + list(run.overrides) + [f"train.steps={cfg.train.steps}"]
+        args = base + list(overrides or []) + list(run.overrides) + ["train.resume=latest",
+                                                                     f"train.steps={cfg.train.steps}"]
         commands.append(shlex.join(["dinorankclip", "train", "--config", spec.config,
                                     "--out", str(out / "runs" / run.name), *args]))
     return commands
