@@ -32,18 +32,8 @@ class CaptionedImages(Dataset):
         source: the file the captions came from.
     """
 
-    def __init__(self, files: list[str], texts: list[str], owners: list[int], *, transform: Callable | None,
-                 split: str | None, source: str) -> None:
-        self.files = files
-        self.texts = texts
-        self.text_to_image = torch.tensor(owners, dtype=torch.long)
-        self.transform = transform
-        self.split = split
-        self.source = source
-
-    @classmethod
-    def from_csv(cls, path: str | Path, *, transform: Callable | None, filepath_column: str = "filepath",
-                 caption_column: str = "caption", separator: str | None = None) -> CaptionedImages:
+    def __init__(self, path: str | Path, *, transform: Callable | None, filepath_column: str = "filepath",
+                 caption_column: str = "caption", separator: str | None = None) -> None:
         """Read a ``filepath,caption`` table; an image may appear on several rows."""
         path = Path(path)
         rows = read_table(path, [filepath_column, caption_column], separator=separator)
@@ -58,7 +48,21 @@ class CaptionedImages(Dataset):
                 files.append(file)
             texts.append(row[caption_column] or "")
             owners.append(position[file])
-        return cls(files, texts, owners, transform=transform, split=None, source=str(path))
+        self._set(files, texts, owners, transform=transform, split=None, source=str(path))
+
+    def _set(self, files: list[str], texts: list[str], owners: list[int], *, transform: Callable | None,
+             split: str | None, source: str) -> None:
+        self.files = files
+        self.texts = texts
+        self.text_to_image = torch.tensor(owners, dtype=torch.long)
+        self.transform = transform
+        self.split = split
+        self.source = source
+
+    @classmethod
+    def from_csv(cls, path: str | Path, **kwargs: Any) -> CaptionedImages:
+        """Read a caption table (the same as the constructor)."""
+        return cls(path, **kwargs)
 
     @classmethod
     def from_karpathy(cls, path: str | Path, *, split: str = "test", image_root: str | Path | None = None,
@@ -88,7 +92,9 @@ class CaptionedImages(Dataset):
             for sentence in entry["sentences"]:
                 texts.append(sentence["raw"] if "raw" in sentence else " ".join(sentence["tokens"]))
                 owners.append(image_index)
-        return cls(files, texts, owners, transform=transform, split=split, source=str(path))
+        dataset = cls.__new__(cls)
+        dataset._set(files, texts, owners, transform=transform, split=split, source=str(path))
+        return dataset
 
     def __len__(self) -> int:
         return len(self.files)
