@@ -62,7 +62,9 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
     if saved is None:
         return
     old, new = _flatten(saved), _flatten(cfg.to_dict())
-    differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # Keys that only one side has come from another package version (a field added or removed), so only
+    # keys that both configs have are compared.
+    differing = sorted(k for k in set(old) & set(new) if old[k] != new[k])
     if differing:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing[:5])
         raise ConfigError(
