@@ -297,16 +297,41 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation tasks run after training or by ``dinorankclip eval``."""
+    """Evaluation tasks run after training or by ``dinorankclip eval``.
+
+    A dataset source is a labels CSV/TSV (``filepath,label`` with ``classnames.txt`` beside it) or a dataset
+    root folder in its standard layout (torchvision, ImageNet-style image folders, CUB-200-2011,
+    CLIP_benchmark WebDataset); see ``dinorankclip.eval.datasets``.
+    """
 
     batch_size: int = 256
-    zeroshot: dict[str, str] = field(default_factory=dict)  # dataset name -> labels CSV (filepath,label)
-    retrieval: str | None = None  # caption CSV (several captions per image allowed)
+    zeroshot: dict[str, str] = field(default_factory=dict)  # dataset name -> labels CSV or dataset root
+    zeroshot_split: str = "test"  # split read from dataset folders and from CSVs with a split column
+    retrieval: str | None = None  # caption CSV (several captions per image allowed) or Karpathy-split JSON
+    retrieval_split: str = "test"  # split of a Karpathy JSON
+    retrieval_image_root: str | None = None  # image folder of a Karpathy JSON; None: the JSON's folder
     templates: str | None = None  # user template file (one template per line with "{c}")
     prompts: str | None = None  # prompts.json with class names and templates; None uses the bundled copy
+    probe: dict[str, str] = field(default_factory=dict)  # dataset name -> labels CSV, root, or "TRAIN,TEST"
+    probe_c_values: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0])
+    probe_val_fraction: float = 0.2  # share of each class's training images used to pick C
+    probe_test_fraction: float = 0.5  # share of each class held out as test data when a dataset has no split
+    probe_max_iter: int = 1000  # L-BFGS iterations of the logistic regression
+    probe_features: Literal["image_features", "clip_image_features"] = "image_features"  # fused or trunk
+    modality_gap: str | None = None  # held-out caption CSV or Karpathy JSON for the four-node modality gap
+    modality_gap_max_pairs: int | None = 1000  # first N held-out images (one caption each); null: all
 
     def __post_init__(self) -> None:
         _check_positive("eval.batch_size", self.batch_size)
+        if not self.probe_c_values or any(c <= 0 for c in self.probe_c_values):
+            raise ConfigError(f"eval.probe_c_values={self.probe_c_values!r} is invalid; give positive numbers")
+        for name in ("probe_val_fraction", "probe_test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"eval.{name}={value!r} is invalid; it must lie in (0, 1)")
+        _check_positive("eval.probe_max_iter", self.probe_max_iter)
+        _check_choice("eval.probe_features", self.probe_features, ("image_features", "clip_image_features"))
+        _check_positive("eval.modality_gap_max_pairs", self.modality_gap_max_pairs, allow_none=True)
 
 
 @dataclass

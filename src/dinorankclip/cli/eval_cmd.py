@@ -1,9 +1,10 @@
-"""``dinorankclip eval``: evaluate a checkpoint on zero-shot classification and retrieval."""
+"""``dinorankclip eval``: run any subset of the evaluation tasks on a checkpoint."""
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from ..config import ConfigError
 
@@ -11,20 +12,29 @@ NAME = "eval"
 
 logger = logging.getLogger(__name__)
 
+TASK_CHOICES = ("zeroshot", "retrieval", "probe", "modality_gap")
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint (zero-shot classification, retrieval)",
-                       description="Evaluate a trained checkpoint. Results are CLIP_benchmark-style JSON records.")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder or model.safetensors file")
-    p.add_argument("--zeroshot", action="append", default=[], metavar="NAME=CSV",
-                   help="zero-shot dataset: a name (for CLIP's templates) and a filepath,label CSV with "
-                        "classnames.txt beside it; repeat for several datasets")
-    p.add_argument("--retrieval", metavar="CSV", help="filepath,caption CSV for image-text retrieval")
+
+def add_dataset_arguments(p) -> None:
+    """Options that name evaluation datasets; shared by ``eval`` and ``study``."""
+    p.add_argument("--zeroshot", action="append", default=[], metavar="NAME=SOURCE",
+                   help="zero-shot dataset: a name (cifar10, imagenet, cub200, ...) and a labels CSV "
+                        "(filepath,label with classnames.txt beside it) or the dataset's root folder in its "
+                        "standard layout; repeat for several datasets")
+    p.add_argument("--retrieval", metavar="FILE", help="caption CSV (filepath,caption) or Karpathy-split JSON")
+    p.add_argument("--retrieval-split", default="test", metavar="SPLIT",
+                   help="split of a Karpathy JSON for retrieval and the modality gap (default test)")
+    p.add_argument("--retrieval-images", metavar="DIR", help="image folder of a Karpathy JSON (default: its folder)")
+    p.add_argument("--probe", action="append", default=[], metavar="NAME=SOURCE",
+                   help="linear-probe dataset: a name and a labels CSV, a dataset root, or TRAIN_CSV,TEST_CSV; "
+                        "repeat for several datasets")
+    p.add_argument("--modality-gap", metavar="FILE",
+                   help="held-out caption CSV or Karpathy JSON for the four-node modality gap")
     p.add_argument("--templates", metavar="FILE", help="prompt templates, one per line with {c} for the class")
-    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per batch (default 256)")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="data loader processes (default 2)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--out", metavar="FILE", help="write the results JSON here (default: print only)")
+    p.add_argument("--bundled-eval", action="store_true",
+                   help="evaluate on the bundled sample data: zero-shot on CIFAR-10, GTSRB, Flowers-102, DTD and "
+                        "CUB-200, retrieval and modality gap on the Flickr8k test split, probe on the five "
+                        "fine-grained sets (those without bundled images are reported as skipped)")
 
 
 def parse_pairs(items: list[str], option: str) -> dict[str, str]:
@@ -32,36 +42,94 @@ def parse_pairs(items: list[str], option: str) -> dict[str, str]:
     pairs = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"{option} {item!r} is malformed; write NAME=CSV, e.g. cifar10=data/cifar10/test.csv")
+            raise ConfigError(f"{option} {item!r} is malformed; write NAME=SOURCE, e.g. cifar10=data/cifar10/test.csv")
         name, path = item.split("=", 1)
         pairs[name] = path
     return pairs
 
 
-def run(args) -> int:
+def eval_config_from_args(args, batch_size: int):
+    """Build the evaluation config from the dataset options.
+
+    Returns:
+        (EvalConfig, skipped datasets with reasons). With ``--bundled-eval`` the bundled datasets fill every
+        task that no option names.
+    """
     from ..config import EvalConfig
-    from ..eval.features import Encoder
-    from ..eval.runner import evaluate
-    from ..models.trunk import build_tokenizer
-    from ..train.checkpoint import load_model, write_json
+    from ..eval.bundled import bundled_eval
+
+    given = {
+        "zeroshot": parse_pairs(args.zeroshot, "--zeroshot"),
+        "retrieval": args.retrieval,
+        "probe": parse_pairs(args.probe, "--probe"),
+        "modality_gap": args.modality_gap,
+    }
+    skipped: dict[tuple[str, str], str] = {}
+    if args.bundled_eval:
+        bundled, bundled_skipped = bundled_eval(batch_size=batch_size)
+        for task in given:
+            if not given[task]:
+                given[task] = getattr(bundled, task)
+                skipped.update({k: v for k, v in bundled_skipped.items() if k[0] == task})
+    cfg = EvalConfig(batch_size=batch_size, zeroshot=given["zeroshot"], retrieval=given["retrieval"],
+                     retrieval_split=args.retrieval_split, retrieval_image_root=args.retrieval_images,
+                     probe=given["probe"], modality_gap=given["modality_gap"], templates=args.templates)
+    return cfg, skipped
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint (zero-shot, retrieval, linear probe, modality gap)",
+        description="Evaluate a trained checkpoint on any subset of the tasks. Results are CLIP_benchmark-style "
+                    "JSON records (dataset, model, pretrained, task, metrics).")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder or model.safetensors file")
+    p.add_argument("--tasks", default=",".join(TASK_CHOICES), metavar="LIST",
+                   help=f"comma-separated tasks to run among those given data (default: all of {', '.join(TASK_CHOICES)})")
+    add_dataset_arguments(p)
+    p.add_argument("--split", default="test", metavar="SPLIT",
+                   help="split read from zero-shot dataset folders and CSVs with a split column (default test)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per batch (default 256)")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="data loader processes (default 2)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--out", metavar="PATH",
+                   help="a .json file for all records, or a folder that receives one JSON per record, all.json "
+                        "and the modality-gap plot (default: print only)")
+
+
+def run(args) -> int:
+    from ..eval.runner import build_encoder, evaluate, record_filename
+    from ..train.checkpoint import write_json
     from ..train.distributed import resolve_device
 
-    zeroshot = parse_pairs(args.zeroshot, "--zeroshot")
-    if not zeroshot and not args.retrieval:
-        raise ConfigError("nothing to evaluate; give --zeroshot NAME=CSV and/or --retrieval CSV")
-    device = resolve_device(args.device)
-    model, cfg = load_model(args.checkpoint, map_location=device)
-    eval_cfg = EvalConfig(batch_size=args.batch_size, zeroshot=zeroshot, retrieval=args.retrieval,
-                          templates=args.templates)
-    teacher = None
-    if cfg.fusion.enabled and cfg.fusion.injection_source == "teacher":
-        from ..train.teacher_source import OnlineTeacher
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASK_CHOICES]
+    if unknown:
+        raise ConfigError(f"--tasks {unknown[0]!r} is invalid; allowed tasks: {', '.join(TASK_CHOICES)}")
+    eval_cfg, skipped = eval_config_from_args(args, args.batch_size)
+    eval_cfg.zeroshot_split = args.split
+    has_data = {"zeroshot": bool(eval_cfg.zeroshot), "retrieval": bool(eval_cfg.retrieval),
+                "probe": bool(eval_cfg.probe), "modality_gap": bool(eval_cfg.modality_gap)}
+    if not any(has_data[t] for t in tasks):
+        raise ConfigError("nothing to evaluate; give datasets with --zeroshot, --retrieval, --probe or "
+                          "--modality-gap for the chosen --tasks, or --bundled-eval")
+    out = Path(args.out) if args.out else None
+    folder = None
+    if out is not None:
+        folder = out.parent if out.suffix.lower() == ".json" else out
 
-        teacher = OnlineTeacher(cfg, device)
-    encoder = Encoder(model, build_tokenizer(model.spec), device, teacher)
-    records = evaluate(encoder, eval_cfg, model_name=str(args.checkpoint), num_workers=args.workers)
-    if args.out:
-        write_json(args.out, records)
-        logger.info("Results written to %s", args.out)
+    device = resolve_device(args.device)
+    encoder, _ = build_encoder(args.checkpoint, device)
+    checkpoint = Path(args.checkpoint)
+    model_name = checkpoint.parent.name if checkpoint.is_file() else checkpoint.name
+    records = evaluate(encoder, eval_cfg, model_name=model_name, num_workers=args.workers,
+                       tasks=tasks, skipped=skipped, plot_dir=folder, pretrained=str(args.checkpoint))
+    if out is not None and out.suffix.lower() == ".json":
+        write_json(out, records)
+        logger.info("Results written to %s", out)
+    elif out is not None:
+        for record in records:
+            write_json(out / record_filename(record), record)
+        write_json(out / "all.json", records)
+        logger.info("Results written to %s (%d records)", out, len(records))
     print(json.dumps(records, indent=2))
     return 0

@@ -12,11 +12,11 @@ import os
 import sys
 
 from ..config import ConfigError
-from . import config_cmd, data_cmd, demo_cmd, eval_cmd, teacher_cache_cmd, train_cmd
+from . import config_cmd, data_cmd, demo_cmd, eval_cmd, export_cmd, study_cmd, teacher_cache_cmd, train_cmd
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = [train_cmd, eval_cmd, demo_cmd, config_cmd, data_cmd, teacher_cache_cmd]
+COMMANDS = [train_cmd, eval_cmd, study_cmd, export_cmd, demo_cmd, config_cmd, data_cmd, teacher_cache_cmd]
 
 
 class _DropOpenClipNoise(logging.Filter):

@@ -49,8 +49,10 @@ class Encoder:
         """Embed every readable image of ``loader``.
 
         Returns:
-            A dict with one [n, E] tensor per requested key, ``index`` [n] (dataset indices of the embedded
-            samples, so skipped samples can be matched) and ``label`` [n] when the data has labels.
+            A dict with one [n, E] tensor per requested key that the model produces, ``index`` [n] and,
+            when the data has labels, ``label`` [n]. A key whose output is None (``student_global`` without
+            a student) is left out. ``index`` holds the dataset indices of the embedded samples, so that
+            skipped samples can be matched.
         """
         chunks: dict[str, list[torch.Tensor]] = {k: [] for k in (*keys, "index", "label")}
         skipped = 0
@@ -60,7 +62,8 @@ class Encoder:
                 continue
             outputs = self.image_batch(batch)
             for key in keys:
-                chunks[key].append(outputs[key].float().cpu())
+                if outputs.get(key) is not None:
+                    chunks[key].append(outputs[key].float().cpu())
             chunks["index"].append(batch["index"])
             if "label" in batch:
                 chunks["label"].append(batch["label"])
@@ -71,8 +74,20 @@ class Encoder:
     @torch.no_grad()
     def texts(self, texts: list[str], *, batch_size: int = 256, key: str = "text_features") -> torch.Tensor:
         """Embed strings; returns [n, E] unit vectors."""
-        out = []
+        return F.normalize(self.texts_all(texts, batch_size=batch_size, keys=(key,))[key], dim=-1)
+
+    @torch.no_grad()
+    def texts_all(self, texts: list[str], *, batch_size: int = 256, keys=("text_features",),
+                  ) -> dict[str, torch.Tensor]:
+        """Embed strings and return the requested text outputs as float tensors [n, D].
+
+        A key whose output is None (``text_student`` without a text branch) is left out.
+        """
+        chunks: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer([t.strip() for t in texts[start:start + batch_size]]).to(self.device)
-            out.append(self.model.encode_text_all(tokens)[key].float().cpu())
-        return F.normalize(torch.cat(out), dim=-1)
+            outputs = self.model.encode_text_all(tokens)
+            for key in keys:
+                if outputs.get(key) is not None:
+                    chunks[key].append(outputs[key].float().cpu())
+        return {key: torch.cat(values) for key, values in chunks.items() if values}

@@ -3,7 +3,8 @@
 Templates are chosen by an explicit precedence, recorded in every result:
 
 1. ``user``: a template file given by the caller (one template per line, ``{c}`` or ``{}`` marks the class);
-2. ``dataset``: the dataset's own templates from CLIP's published ``prompts.json``;
+2. ``dataset``: the dataset's own templates: the ``zeroshot_classification_templates.txt`` of a
+   CLIP_benchmark WebDataset folder, else CLIP's published ``prompts.json`` entry for the dataset;
 3. ``builtin``: :data:`BUILTIN_TEMPLATES` (for datasets CLIP did not publish templates for).
 """
 
@@ -18,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 __all__ = [
+    "BUILTIN_CLASSNAMES",
     "BUILTIN_TEMPLATES",
     "DATASET_ALIASES",
     "PromptSet",
@@ -71,6 +73,11 @@ BUILTIN_TEMPLATES = {
 }
 
 
+# Class names for datasets that CLIP's prompts.json lacks, by label index (SVHN: label i is digit i, as
+# torchvision's SVHN reader maps the source's label 10 to 0).
+BUILTIN_CLASSNAMES = {"svhn": [str(digit) for digit in range(10)]}
+
+
 def bundled_prompts_path() -> Path:
     """Path of CLIP's prompts.json shipped with the package."""
     return Path(str(resources.files("dinorankclip") / "sample_data" / "clip_prompts" / "prompts.json"))
@@ -108,6 +115,7 @@ class PromptSet:
     templates: list[str]
     template_source: str  # "user", "dataset" or "builtin"
     classnames_source: str
+    template_origin: str = ""  # the template file, or prompts.json:<key>, or "builtin"
 
     def prompts_for(self, label: int) -> list[str]:
         return [t.format(c=self.classnames[label]) for t in self.templates]
@@ -123,11 +131,16 @@ def resolve_prompts(
     classnames_file: str | Path | None = None,
     templates_file: str | Path | None = None,
     prompts_json: str | Path | None = None,
+    classnames: list[str] | None = None,
+    classnames_source: str | None = None,
+    dataset_templates_file: str | Path | None = None,
 ) -> PromptSet:
     """Pick class names and templates for ``dataset``.
 
-    Class names come from ``classnames_file`` when given (the dataset's own ``classnames.txt``), else from
-    CLIP's list. Templates follow the precedence in the module docstring.
+    Class names come from ``classnames`` (given by the dataset reader), else ``classnames_file`` (the
+    dataset's own ``classnames.txt``), else CLIP's list, else :data:`BUILTIN_CLASSNAMES`. Templates follow
+    the precedence in the module docstring; the dataset's own templates are ``dataset_templates_file``
+    (CLIP_benchmark's WebDataset layout) when given, else CLIP's templates for ``dataset``.
 
     Raises:
         ValueError: no class names can be found for ``dataset``.
@@ -137,8 +150,12 @@ def resolve_prompts(
     key = DATASET_ALIASES.get(dataset.lower(), dataset)
     entry = clip.get(key)
 
-    if classnames_file is not None and Path(classnames_file).is_file():
+    if classnames is not None:
+        classnames, names_source = list(classnames), classnames_source or "dataset reader"
+    elif classnames_file is not None and Path(classnames_file).is_file():
         classnames, names_source = load_classnames(classnames_file), str(classnames_file)
+    elif dataset.lower() in BUILTIN_CLASSNAMES:
+        classnames, names_source = BUILTIN_CLASSNAMES[dataset.lower()], "builtin"
     elif entry is not None:
         classnames = [c if isinstance(c, str) else c[0] for c in entry["classes"]]
         names_source = f"{Path(prompts_path).name}:{key}"
@@ -150,15 +167,23 @@ def resolve_prompts(
 
     if templates_file is not None:
         lines = [line.strip() for line in Path(templates_file).read_text(encoding="utf-8").splitlines()]
-        templates, source = [_normalise_template(t) for t in lines if t], "user"
+        templates, source, origin = [_normalise_template(t) for t in lines if t], "user", str(templates_file)
         if not templates:
             raise ValueError(f"template file {templates_file} has no templates")
+    elif dataset_templates_file is not None:
+        lines = [line.strip() for line in Path(dataset_templates_file).read_text(encoding="utf-8").splitlines()]
+        templates, source = [_normalise_template(t) for t in lines if t], "dataset"
+        origin = str(dataset_templates_file)
+        if not templates:
+            raise ValueError(f"template file {dataset_templates_file} has no templates")
     elif entry is not None:
         templates, source = [_normalise_template(t) for t in entry["templates"]], "dataset"
+        origin = f"{Path(prompts_path).name}:{key}"
     else:
         templates, source = BUILTIN_TEMPLATES.get(dataset.lower(), BUILTIN_TEMPLATES["default"]), "builtin"
+        origin = "builtin"
 
-    prompt_set = PromptSet(classnames, templates, source, names_source)
+    prompt_set = PromptSet(classnames, templates, source, names_source, origin)
     for name, labels in prompt_set.duplicate_names().items():
         logger.warning("Dataset %s: class name %r is shared by labels %s; they stay separate classes",
                        dataset, name, labels)

@@ -73,6 +73,7 @@ def zeroshot_classify(encoder: Encoder, loader, prompts: PromptSet, *, name: str
         )
     logits = feats["image_features"] @ classifier.T
     metrics = classification_metrics(logits, labels, len(prompts.classnames))
-    metrics.update(templates=prompts.template_source, num_templates=len(prompts.templates),
-                   classnames=prompts.classnames_source)
+    metrics.update(templates=prompts.template_source, template_origin=prompts.template_origin,
+                   num_templates=len(prompts.templates), classnames=prompts.classnames_source,
+                   duplicate_classnames=prompts.duplicate_names())
     return metrics
