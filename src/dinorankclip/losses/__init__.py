@@ -7,7 +7,8 @@ from .contrastive import AlipLoss, check_alip_columns, clip_loss, cyclic_terms, 
 from .distill import gate_l1, gram_loss, relational_loss, text_align_loss
 from .distributed import FeatureGather, all_gather_with_grad
 from .objective import DEFAULT_ORDER, LOSS_DEFAULTS, LOSS_NAMES, Objective
-from .plackett_luce import descending_order, plackett_luce_loss, plackett_luce_nll
+from .ordering import descending_order
+from .plackett_luce import plackett_luce_loss, plackett_luce_nll
 from .ranking import RankingLoss, rank_weight_at
 from .transition import TransitionHeads, transition_nll
 

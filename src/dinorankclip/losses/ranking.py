@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .plackett_luce import _check_top_k, descending_order, plackett_luce_nll
-from .transition import MAX_ORDER, TransitionHeads, transition_nll
+from .ordering import check_top_k, descending_order
+from .plackett_luce import plackett_luce_nll
+from .transition import MAX_ORDER, TransitionHeads
+from .transition_kernel import transition_nll_chunked
 
 __all__ = ["RankingLoss", "rank_weight_at"]
 
@@ -62,7 +64,7 @@ class RankingLoss(nn.Module):
         super().__init__()
         if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
             raise ValueError(f"order must be an int in 0..{MAX_ORDER}, got {order!r}")
-        _check_top_k(top_k, 1)
+        check_top_k(top_k, 1)
         self.order = order
         self.top_k = top_k
         self.detach = detach
@@ -108,14 +110,15 @@ class RankingLoss(nn.Module):
         return 0.5 * (losses[0] + losses[1]), 0.5 * (losses[2] + losses[3])
 
     def _list_loss(self, scores: Tensor, target_scores: Tensor, candidates: Tensor) -> Tensor:
-        order = descending_order(target_scores, self.top_k)
-        num_pos = order.shape[1]
+        num_pos = check_top_k(self.top_k, scores.shape[1])
         if self.transition is None:
-            nll = plackett_luce_nll(scores, order)
+            order = descending_order(target_scores, self.top_k, complete=True)
+            nll = plackett_luce_nll(scores, order, num_pos)
         else:
             cand = candidates.detach() if self.detach else candidates
             queries, keys = self.transition.lag_factors(cand)
-            nll = transition_nll(scores, order, queries, keys)
+            order = descending_order(target_scores, self.top_k)
+            nll = transition_nll_chunked(scores, order, queries, keys)
         return nll.mean() / num_pos
 
     def forward(

@@ -1,0 +1,142 @@
+"""Forward+backward time and peak extra memory of each loss, as ratios to ``clip_loss``.
+
+Run from the repository root::
+
+    PYTHONPATH=src python benchmarks/loss_bench.py [--sizes 256 1024 4096] [--dim 512] [--repeats 5]
+
+Times are the minimum over ``--repeats`` rounds; every round runs each loss once in turn, so the
+ratios compare measurements taken side by side under the same machine load. Peak extra memory is
+the growth of the process's peak resident set size (VmHWM) during one forward+backward pass, run
+in a fresh subprocess per loss and size, so it counts every allocation (torch and numpy) and no
+cached memory from earlier runs. Linux only (it reads /proc/self/status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dinorankclip.losses import AlipLoss, RankingLoss, clip_loss, cyclip_loss
+
+LOGIT_SCALE = 1 / 0.07
+
+
+def make_inputs(num: int, dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Return correlated unit image, text and second-caption features [num, dim] that require grad."""
+    gen = torch.Generator().manual_seed(seed)
+    shared = torch.randn(num, dim, generator=gen)
+    feats = {}
+    for name in ("image", "text", "caption"):
+        noisy = F.normalize(shared + 0.8 * torch.randn(num, dim, generator=gen), dim=1)
+        feats[name] = noisy.requires_grad_(True)
+    return feats
+
+
+def ranking_loss(order: int, dim: int, top_k: int | None, head_dim: int = 32) -> Callable:
+    ranking = RankingLoss(order, dim, top_k, heads=1, head_dim=head_dim)
+    with torch.no_grad():
+        for scale in ranking.transition.scale if ranking.transition is not None else ():
+            scale.fill_(0.5)  # non-zero transitions, as after some training
+
+    def loss(f: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+        return clip_loss(f["image"], f["text"], scale) + ranking(f["image"], f["text"], scale)
+
+    return loss
+
+
+def build_losses(dim: int) -> dict[str, Callable]:
+    alip = AlipLoss()
+    return {
+        "clip": lambda f, s: clip_loss(f["image"], f["text"], s),
+        "cyclip": lambda f, s: cyclip_loss(f["image"], f["text"], s),
+        "alip": lambda f, s: alip(f["image"], f["text"], f["caption"], s)["loss"],
+        "rankclip (R=1, full lists)": ranking_loss(1, dim, None),
+        "R=2, top_k=32": ranking_loss(2, dim, 32),
+        "R=3, top_k=32": ranking_loss(3, dim, 32),
+        "R=3, top_k=64": ranking_loss(3, dim, 64),
+        "R=4, top_k=32": ranking_loss(4, dim, 32),
+    }
+
+
+def run_once(loss: Callable, feats: dict[str, torch.Tensor], scale: torch.Tensor) -> None:
+    for tensor in feats.values():
+        tensor.grad = None
+    loss(feats, scale).backward()
+
+
+def _read_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def measure_memory(name: str, num: int, dim: int) -> float:
+    """Return the peak extra resident memory (MiB) of one forward+backward pass of loss ``name``."""
+    feats = make_inputs(num, dim)
+    loss = build_losses(dim)[name]
+    scale = torch.tensor(LOGIT_SCALE, requires_grad=True)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM to the current resident size
+    before = _read_status_kib("VmRSS")
+    run_once(loss, feats, scale)
+    return (_read_status_kib("VmHWM") - before) / 1024
+
+
+def memory_in_subprocess(name: str, num: int, dim: int) -> float:
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); import loss_bench; "
+        f"print(json.dumps(loss_bench.measure_memory({name!r}, {num}, {dim})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def time_losses(num: int, dim: int, repeats: int, names: list[str]) -> dict[str, float]:
+    feats = make_inputs(num, dim)
+    scale = torch.tensor(LOGIT_SCALE, requires_grad=True)
+    losses = build_losses(dim)
+    best = {name: float("inf") for name in names}
+    for name in names:
+        run_once(losses[name], feats, scale)  # warm-up
+    for _ in range(repeats):
+        for name in names:
+            start = time.perf_counter()
+            run_once(losses[name], feats, scale)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="batch sizes N")
+    parser.add_argument("--dim", type=int, default=512, help="embedding width D")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per size")
+    parser.add_argument("--losses", nargs="+", default=None, help="subset of loss names (clip is always run)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    args = parser.parse_args()
+
+    names = list(build_losses(args.dim))
+    if args.losses:
+        names = ["clip"] + [n for n in names if n in args.losses and n != "clip"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, D = {args.dim}")
+    for num in args.sizes:
+        times = time_losses(num, args.dim, args.repeats if num < 4096 else max(2, args.repeats // 2), names)
+        print(f"\nN = {num}")
+        print(f"{'loss':<28} {'fwd+bwd ms':>11} {'x clip':>8} {'peak extra MiB':>15}")
+        for name in names:
+            memory = "" if args.no_memory else f"{memory_in_subprocess(name, num, args.dim):15.0f}"
+            ratio = times[name] / times["clip"]
+            print(f"{name:<28} {times[name] * 1e3:11.1f} {ratio:8.2f} {memory:>15}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

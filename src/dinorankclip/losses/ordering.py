@@ -1,0 +1,96 @@
+"""Target rankings: each row's candidates by descending score, ties broken by the lower index first.
+
+On CPU, float32 (and lower-precision) targets are ordered by numpy's sort of packed 64-bit keys,
+which is several times faster than ``torch.sort(stable=True)`` on CPU (about 20 ms against 70 ms for
+a 1024×1024 float32 matrix on 2 AMD EPYC cores with numpy 2.4 and torch 2.14; see
+``benchmarks/loss_bench.py``). Each key holds an order-preserving integer image of the value in the
+high 32 bits and the candidate index in the low 32 bits, so an ascending sort of the keys is
+exactly the descending, index-stable order. Float64 targets and non-CPU tensors use
+``torch.sort(stable=True)``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["check_top_k", "descending_order"]
+
+_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_WORKERS = 0
+
+
+def check_top_k(top_k: int | None, num_candidates: int) -> int:
+    """Return the number of modelled positions K for a ``top_k`` setting (None: all candidates)."""
+    if top_k is None:
+        return num_candidates
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    return min(top_k, num_candidates)
+
+
+def _packed_keys(values: np.ndarray) -> np.ndarray:
+    """Return int64 keys whose ascending order is descending ``values`` with ties by column index."""
+    bits = (values + np.float32(0.0)).view(np.int32)  # + 0.0 maps -0.0 to +0.0, so the two zeros tie
+    # Order-preserving map of IEEE floats to int32: flip the magnitude bits of negative numbers.
+    ascending = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+    index = np.arange(values.shape[1], dtype=np.int64)
+    return ((~ascending).astype(np.int64) << 32) | index
+
+
+def _order_rows(values: np.ndarray, num_positions: int, out: np.ndarray) -> None:
+    keys = _packed_keys(values)
+    num_candidates = values.shape[1]
+    if num_positions < num_candidates:
+        # The first K keys after a partition are the top K, unsorted; the rest keep any order.
+        keys = np.partition(keys, num_positions - 1, axis=1)
+        keys[:, :num_positions].sort(axis=1)
+    else:
+        keys.sort(axis=1)
+    np.bitwise_and(keys, 0xFFFFFFFF, out=out)
+
+
+def _cpu_order(target: Tensor, num_positions: int) -> Tensor:
+    global _EXECUTOR, _EXECUTOR_WORKERS
+    values = target.detach().float().contiguous().numpy()
+    out = np.empty(values.shape, dtype=np.int64)
+    workers = max(1, min(torch.get_num_threads(), values.shape[0] // 64))
+    if workers == 1:
+        _order_rows(values, num_positions, out)
+    else:
+        # numpy releases the GIL inside sort and partition, so row blocks run in parallel.
+        if _EXECUTOR is None or _EXECUTOR_WORKERS < workers:
+            _EXECUTOR = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dinorankclip-sort")
+            _EXECUTOR_WORKERS = workers
+        bounds = np.linspace(0, values.shape[0], workers + 1).astype(int)
+        jobs = [
+            _EXECUTOR.submit(_order_rows, values[lo:hi], num_positions, out[lo:hi])
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        for job in jobs:
+            job.result()
+    return torch.from_numpy(out)
+
+
+def descending_order(target_scores: Tensor, top_k: int | None = None, *, complete: bool = False) -> Tensor:
+    """Return each row's target ranking: candidate indices by descending score, ties by lower index.
+
+    Args:
+        target_scores: [Q, N] scores that define the order (no gradient is taken).
+        top_k: number of ranked positions K (None: all N).
+        complete: also return the N - K unranked candidates after the ranked ones, in no fixed order.
+
+    Returns:
+        [Q, K] int64 candidate indices, best first ([Q, N] when ``complete``).
+    """
+    if target_scores.ndim != 2:
+        raise ValueError(f"target_scores must be [Q, N], got shape {tuple(target_scores.shape)}")
+    num_positions = check_top_k(top_k, target_scores.shape[1])
+    if target_scores.device.type == "cpu" and target_scores.dtype != torch.float64 and target_scores.numel():
+        order = _cpu_order(target_scores, num_positions)
+    else:
+        order = torch.sort(target_scores.detach(), dim=1, descending=True, stable=True).indices
+    return order if complete else order[:, :num_positions]

@@ -1,0 +1,148 @@
+"""Memory-bounded order-R Plackett-Luce NLL: row chunks, recomputed in the backward pass.
+
+The utilities U_j(d) = x_d + Σ_ℓ [j ≥ ℓ]·G_ℓ[π(j-ℓ), d] (see ``transition.py``) form a Q×K×N
+tensor. This kernel never stores it: the forward pass builds it for a few rows at a time, keeps only
+the per-position log-normalisers lse[q, j] (Q×K), and the backward pass rebuilds each chunk to form
+the softmax p = exp(U - lse). The lag matrices G_ℓ = queries[ℓ] @ keys.T are N×N each and are
+recomputed in the backward pass too, so the memory beyond the inputs is O(L·N² + chunk) rather than
+O(Q·K·N).
+
+Gradients::
+
+    ∂nll_q/∂U_j(d) = p_j(d) - [d = π_q(j)]
+    ∂/∂x_d         = Σ_j (p_j(d) - [d = π(j)])
+    ∂/∂G_ℓ[a, d]   = Σ_{(q, j): π_q(j-ℓ) = a} (p_j(d) - [d = π_q(j)])
+
+and the gradients of the queries and keys follow from G_ℓ = queries[ℓ] @ keys.T.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["CHUNK_ELEMENTS", "transition_nll_chunked"]
+
+# Elements of one Q×K×N chunk (float32: 4 MiB), small enough to stay in the last-level cache.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _lag_matrices(queries: Tensor, keys: Tensor) -> Tensor:
+    """Return [L, N + 1, N]: G_ℓ = queries[ℓ] @ keys.T with a zero sentinel row N for missing items."""
+    num_lags, num_cand, _ = queries.shape
+    lag = queries.new_empty(num_lags, num_cand + 1, num_cand)
+    for ell in range(num_lags):
+        torch.mm(queries[ell], keys.T, out=lag[ell, :num_cand])
+    lag[:, num_cand] = 0.0
+    return lag
+
+
+def _lag_indices(order: Tensor, num_lags: int, num_cand: int) -> Tensor:
+    """Return [L, Q, K]: the item placed ℓ positions before each position, or the sentinel N."""
+    num_rows, num_pos = order.shape
+    idx = order.new_full((num_lags, num_rows, num_pos), num_cand)
+    for lag in range(1, num_lags + 1):
+        if lag < num_pos:
+            idx[lag - 1, :, lag:] = order[:, : num_pos - lag]
+    return idx
+
+
+class _Chunk:
+    """Buffers for building the utilities of ``rows`` rows, reused across chunks."""
+
+    def __init__(self, rows: int, num_pos: int, num_cand: int, like: Tensor) -> None:
+        self.util = like.new_empty(rows, num_pos, num_cand)
+        self.tmp = like.new_empty(rows, num_pos, num_cand)
+        self.positions = torch.arange(num_pos, device=like.device, dtype=torch.int32).view(1, num_pos, 1)
+
+    def build(self, x: Tensor, order: Tensor, lag_idx: Tensor, lag: Tensor) -> Tensor:
+        """Return the masked utilities [c, K, N] of the rows in ``x`` ([c, N], c ≤ buffer rows)."""
+        rows, num_pos = order.shape
+        num_cand = x.shape[1]
+        util = self.util[:rows]
+        flat = util.view(rows * num_pos, num_cand)
+        torch.index_select(lag[0], 0, lag_idx[0].reshape(-1), out=flat)
+        for ell in range(1, lag.shape[0]):
+            tmp = self.tmp[:rows].view(rows * num_pos, num_cand)
+            torch.index_select(lag[ell], 0, lag_idx[ell].reshape(-1), out=tmp)
+            flat.add_(tmp)
+        util.add_(x[:, None, :])
+        # Candidate d is already placed at position j when its rank is below j.
+        rank = torch.full((rows, num_cand), num_pos, dtype=torch.int32, device=x.device)
+        rank.scatter_(1, order, self.positions.view(1, num_pos).expand(rows, num_pos))
+        util.masked_fill_(rank[:, None, :] < self.positions, float("-inf"))
+        return util
+
+
+def _chunk_rows(num_pos: int, num_cand: int, num_rows: int) -> int:
+    return max(1, min(num_rows, CHUNK_ELEMENTS // max(1, num_pos * num_cand)))
+
+
+class _TransitionNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores: Tensor, order: Tensor, queries: Tensor, keys: Tensor) -> Tensor:  # type: ignore[override]
+        num_rows, num_cand = scores.shape
+        num_pos = order.shape[1]
+        lag = _lag_matrices(queries, keys)
+        lag_idx = _lag_indices(order, queries.shape[0], num_cand)
+        step = _chunk_rows(num_pos, num_cand, num_rows)
+        chunk = _Chunk(step, num_pos, num_cand, scores)
+        lse = scores.new_empty(num_rows, num_pos)
+        nll = scores.new_empty(num_rows)
+        for lo in range(0, num_rows, step):
+            hi = min(lo + step, num_rows)
+            util = chunk.build(scores[lo:hi], order[lo:hi], lag_idx[:, lo:hi], lag)
+            chosen = util.gather(2, order[lo:hi, :, None])[..., 0]  # [c, K]
+            top = util.amax(2, keepdim=True)
+            log_norm = util.sub_(top).exp_().sum(2).log_().add_(top[..., 0])
+            lse[lo:hi] = log_norm
+            nll[lo:hi] = (log_norm - chosen).sum(1)
+        ctx.save_for_backward(scores, order, queries, keys, lse)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll: Tensor):  # type: ignore[override]
+        scores, order, queries, keys, lse = ctx.saved_tensors
+        num_rows, num_cand = scores.shape
+        num_pos = order.shape[1]
+        lag = _lag_matrices(queries, keys)
+        lag_idx = _lag_indices(order, queries.shape[0], num_cand)
+        grad_lag = torch.zeros_like(lag)
+        grad_scores = torch.empty_like(scores)
+        grad_nll = grad_nll.to(scores.dtype)
+        step = _chunk_rows(num_pos, num_cand, num_rows)
+        chunk = _Chunk(step, num_pos, num_cand, scores)
+        for lo in range(0, num_rows, step):
+            hi = min(lo + step, num_rows)
+            rows = hi - lo
+            util = chunk.build(scores[lo:hi], order[lo:hi], lag_idx[:, lo:hi], lag)
+            weight = grad_nll[lo:hi, None, None]
+            # Softmax times the incoming gradient, minus it at each chosen candidate.
+            grad_util = util.sub_(lse[lo:hi, :, None]).exp_().mul_(weight)
+            grad_util.scatter_add_(2, order[lo:hi, :, None], -weight.expand(rows, num_pos, 1))
+            torch.sum(grad_util, dim=1, out=grad_scores[lo:hi])
+            flat = grad_util.view(rows * num_pos, num_cand)
+            for ell in range(lag.shape[0]):
+                grad_lag[ell].index_add_(0, lag_idx[ell, lo:hi].reshape(-1), flat)
+        grad_lag = grad_lag[:, :num_cand]  # the sentinel row has no parameters
+        grad_queries = torch.matmul(grad_lag, keys)  # [L, N, W]
+        grad_keys = torch.einsum("lad,law->dw", grad_lag, queries)
+        return grad_scores, None, grad_queries, grad_keys
+
+
+def transition_nll_chunked(scores: Tensor, order: Tensor, queries: Tensor, keys: Tensor) -> Tensor:
+    """Compute the order-R Plackett-Luce NLL of each row without materialising Q×K×N tensors.
+
+    Args:
+        scores: [Q, N] first-order candidate scores x.
+        order: [Q, K] target ranking (candidate indices, best first).
+        queries: [L, N, W] per-lag queries (``TransitionHeads.lag_factors``).
+        keys: [N, W] keys.
+
+    Returns:
+        [Q] per-row NLL summed over the K positions, float32 (float64 for float64 scores).
+    """
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    return _TransitionNLL.apply(
+        scores.to(dtype).contiguous(), order.contiguous(), queries.to(dtype).contiguous(), keys.to(dtype).contiguous()
+    )
