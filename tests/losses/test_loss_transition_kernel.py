@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from dinorankclip.losses import TransitionHeads, descending_order, transition_nll
-from dinorankclip.losses import transition_kernel
+from dinorankclip.losses import TransitionHeads, descending_order, transition_kernel, transition_nll
 from dinorankclip.losses.transition_kernel import transition_nll_chunked
 
 

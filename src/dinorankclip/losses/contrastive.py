@@ -45,6 +45,11 @@ def _columns(
     return all_image_features, all_text_features
 
 
+def _upcast(tensor: Tensor) -> Tensor:
+    """Return ``tensor`` as float32, or unchanged when it is float64."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def _check_pair(image_features: Tensor, text_features: Tensor) -> None:
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
         raise ValueError(
@@ -87,9 +92,8 @@ def clip_loss(
     logits_per_image = logit_scale * image_features @ txt_cols.T  # [B, N]
     logits_per_text = logit_scale * text_features @ img_cols.T  # [B, N]
     labels = torch.arange(image_features.shape[0], device=image_features.device) + row_offset
-    dtype = torch.float64 if logits_per_image.dtype == torch.float64 else torch.float32
     return 0.5 * (
-        F.cross_entropy(logits_per_image.to(dtype), labels) + F.cross_entropy(logits_per_text.to(dtype), labels)
+        F.cross_entropy(_upcast(logits_per_image), labels) + F.cross_entropy(_upcast(logits_per_text), labels)
     )
 
 
@@ -118,7 +122,7 @@ def cyclic_terms(
     """
     _check_pair(image_features, text_features)
     img_cols, txt_cols = _columns(image_features, text_features, all_image_features, all_text_features)
-    img = image_features.float() if image_features.dtype != torch.float64 else image_features
+    img = _upcast(image_features)
     txt = text_features.to(img.dtype)
     img_cols, txt_cols = img_cols.to(img.dtype), txt_cols.to(img.dtype)
     in_modal = (img @ img_cols.T - txt @ txt_cols.T).square().sum(1).mean()
@@ -215,11 +219,12 @@ class AlipLoss(nn.Module):
         if self.training:
             for name, sim in sims.items():
                 buf = getattr(self, name)
-                buf.mul_(self.ema).add_((1.0 - self.ema) * sim.float().mean())
-        sample = torch.exp(sims["mean_text_caption"].float() - self.mean_text_caption).square().clamp(max=1.0)
+                buf.mul_(self.ema).add_((1.0 - self.ema) * _upcast(sim).mean())
+        sample = torch.exp(_upcast(sims["mean_text_caption"]) - self.mean_text_caption).square().clamp(max=1.0)
         full = sample >= 1.0
-        pair_text = torch.exp(sims["mean_image_text"].float() - self.mean_image_text).square().masked_fill(full, 1.0)
-        pair_cap = torch.exp(sims["mean_image_caption"].float() - self.mean_image_caption).square()
+        pair_text = torch.exp(_upcast(sims["mean_image_text"]) - self.mean_image_text).square()
+        pair_text = pair_text.masked_fill(full, 1.0)
+        pair_cap = torch.exp(_upcast(sims["mean_image_caption"]) - self.mean_image_caption).square()
         pair_cap = pair_cap.masked_fill(full, 1.0)
         return sample[rows], pair_text[rows], pair_cap[rows]
 
@@ -259,8 +264,10 @@ class AlipLoss(nn.Module):
         labels = torch.arange(image_features.shape[0], device=image_features.device) + row_offset
 
         def weighted_infonce(texts_rows: Tensor, text_cols: Tensor, weight: Tensor) -> Tensor:
-            per_image = F.cross_entropy((logit_scale * image_features @ text_cols.T).float(), labels, reduction="none")
-            per_text = F.cross_entropy((logit_scale * texts_rows @ img_cols.T).float(), labels, reduction="none")
+            logits_image = _upcast(logit_scale * image_features @ text_cols.T)
+            logits_text = _upcast(logit_scale * texts_rows @ img_cols.T)
+            per_image = F.cross_entropy(logits_image, labels, reduction="none")
+            per_text = F.cross_entropy(logits_text, labels, reduction="none")
             return (0.5 * (per_image + per_text) * sample * weight).mean()
 
         image_text = weighted_infonce(text_features, txt_cols, pair_text)

@@ -50,10 +50,12 @@ def _suffix_lse_any(x: Tensor) -> Tensor:
 
 
 class _ListMLE(torch.autograd.Function):
+    # Autocast is off inside: the suffix sums must stay in float64.
     @staticmethod
     def forward(ctx, ranked: Tensor, num_positions: int) -> Tensor:  # type: ignore[override]
         x = ranked.detach().double()
-        suffix = _suffix_lse_any(x)
+        with torch.autocast(x.device.type, enabled=False):
+            suffix = _suffix_lse_any(x)
         nll = (suffix[:, :num_positions] - x[:, :num_positions]).sum(1)
         ctx.save_for_backward(ranked)
         ctx.num_positions = num_positions
@@ -62,6 +64,11 @@ class _ListMLE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_nll: Tensor):  # type: ignore[override]
         (ranked,) = ctx.saved_tensors
+        with torch.autocast(ranked.device.type, enabled=False):
+            return _ListMLE._backward(ctx, ranked, grad_nll)
+
+    @staticmethod
+    def _backward(ctx, ranked: Tensor, grad_nll: Tensor) -> tuple[Tensor, None]:
         k = ctx.num_positions
         x = ranked.double()
         suffix = _suffix_lse_any(x)[:, :k]

@@ -27,23 +27,36 @@ __all__ = ["CHUNK_ELEMENTS", "transition_nll_chunked"]
 CHUNK_ELEMENTS = 1 << 20
 
 
-def _lag_matrices(queries: Tensor, keys: Tensor) -> Tensor:
-    """Return [L, N + 1, N]: G_ℓ = queries[ℓ] @ keys.T with a zero sentinel row N for missing items."""
+def _placed_items(order: Tensor, num_cand: int) -> tuple[Tensor, Tensor]:
+    """Return the items that precede some modelled position, and a map from item to compact row.
+
+    Only these items index rows of the lag matrices, so with few rows or positions (Q·(K-1) < N)
+    the lag matrices shrink from N×N to U×N. Unused items map to the sentinel row U.
+    """
+    items = torch.unique(order[:, :-1])
+    compact = torch.full((num_cand,), items.numel(), dtype=torch.long, device=order.device)
+    compact[items] = torch.arange(items.numel(), device=order.device)
+    return items, compact
+
+
+def _lag_matrices(queries: Tensor, keys: Tensor, items: Tensor) -> Tensor:
+    """Return [L, U + 1, N]: rows of G_ℓ = queries[ℓ] @ keys.T for ``items``, then a zero sentinel row."""
     num_lags, num_cand, _ = queries.shape
-    lag = queries.new_empty(num_lags, num_cand + 1, num_cand)
+    num_items = items.numel()
+    lag = queries.new_empty(num_lags, num_items + 1, num_cand)
     for ell in range(num_lags):
-        torch.mm(queries[ell], keys.T, out=lag[ell, :num_cand])
-    lag[:, num_cand] = 0.0
+        torch.mm(queries[ell, items], keys.T, out=lag[ell, :num_items])
+    lag[:, num_items] = 0.0
     return lag
 
 
-def _lag_indices(order: Tensor, num_lags: int, num_cand: int) -> Tensor:
-    """Return [L, Q, K]: the item placed ℓ positions before each position, or the sentinel N."""
+def _lag_indices(order: Tensor, num_lags: int, compact: Tensor, sentinel: int) -> Tensor:
+    """Return [L, Q, K]: the compact row of the item placed ℓ positions earlier, or the sentinel."""
     num_rows, num_pos = order.shape
-    idx = order.new_full((num_lags, num_rows, num_pos), num_cand)
+    idx = order.new_full((num_lags, num_rows, num_pos), sentinel)
     for lag in range(1, num_lags + 1):
         if lag < num_pos:
-            idx[lag - 1, :, lag:] = order[:, : num_pos - lag]
+            idx[lag - 1, :, lag:] = compact[order[:, : num_pos - lag]]
     return idx
 
 
@@ -78,56 +91,72 @@ def _chunk_rows(num_pos: int, num_cand: int, num_rows: int) -> int:
     return max(1, min(num_rows, CHUNK_ELEMENTS // max(1, num_pos * num_cand)))
 
 
+def _forward(scores: Tensor, order: Tensor, queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+    num_rows, num_cand = scores.shape
+    num_pos = order.shape[1]
+    items, compact = _placed_items(order, num_cand)
+    lag = _lag_matrices(queries, keys, items)
+    lag_idx = _lag_indices(order, queries.shape[0], compact, items.numel())
+    step = _chunk_rows(num_pos, num_cand, num_rows)
+    chunk = _Chunk(step, num_pos, num_cand, scores)
+    lse = scores.new_empty(num_rows, num_pos)
+    nll = scores.new_empty(num_rows)
+    for lo in range(0, num_rows, step):
+        hi = min(lo + step, num_rows)
+        util = chunk.build(scores[lo:hi], order[lo:hi], lag_idx[:, lo:hi], lag)
+        chosen = util.gather(2, order[lo:hi, :, None])[..., 0]  # [c, K]
+        top = util.amax(2, keepdim=True)
+        log_norm = util.sub_(top).exp_().sum(2).log_().add_(top[..., 0])
+        lse[lo:hi] = log_norm
+        nll[lo:hi] = (log_norm - chosen).sum(1)
+    return nll, lse
+
+
+def _backward(
+    scores: Tensor, order: Tensor, queries: Tensor, keys: Tensor, lse: Tensor, grad_nll: Tensor
+) -> tuple[Tensor, None, Tensor, Tensor]:
+    num_rows, num_cand = scores.shape
+    num_pos = order.shape[1]
+    items, compact = _placed_items(order, num_cand)
+    lag = _lag_matrices(queries, keys, items)
+    lag_idx = _lag_indices(order, queries.shape[0], compact, items.numel())
+    grad_lag = torch.zeros_like(lag)
+    grad_scores = torch.empty_like(scores)
+    grad_nll = grad_nll.to(scores.dtype)
+    step = _chunk_rows(num_pos, num_cand, num_rows)
+    chunk = _Chunk(step, num_pos, num_cand, scores)
+    for lo in range(0, num_rows, step):
+        hi = min(lo + step, num_rows)
+        rows = hi - lo
+        util = chunk.build(scores[lo:hi], order[lo:hi], lag_idx[:, lo:hi], lag)
+        weight = grad_nll[lo:hi, None, None]
+        # Softmax times the incoming gradient, minus it at each chosen candidate.
+        grad_util = util.sub_(lse[lo:hi, :, None]).exp_().mul_(weight)
+        grad_util.scatter_add_(2, order[lo:hi, :, None], -weight.expand(rows, num_pos, 1))
+        torch.sum(grad_util, dim=1, out=grad_scores[lo:hi])
+        flat = grad_util.view(rows * num_pos, num_cand)
+        for ell in range(lag.shape[0]):
+            grad_lag[ell].index_add_(0, lag_idx[ell, lo:hi].reshape(-1), flat)
+    grad_lag = grad_lag[:, : items.numel()]  # the sentinel row has no parameters
+    grad_queries = torch.zeros_like(queries)
+    grad_queries[:, items] = torch.matmul(grad_lag, keys)  # [L, U, W]
+    grad_keys = torch.einsum("lad,law->dw", grad_lag, queries[:, items])
+    return grad_scores, None, grad_queries, grad_keys
+
+
 class _TransitionNLL(torch.autograd.Function):
+    # Autocast is off inside: the kernel writes float32/float64 buffers and controls its own precision.
     @staticmethod
     def forward(ctx, scores: Tensor, order: Tensor, queries: Tensor, keys: Tensor) -> Tensor:  # type: ignore[override]
-        num_rows, num_cand = scores.shape
-        num_pos = order.shape[1]
-        lag = _lag_matrices(queries, keys)
-        lag_idx = _lag_indices(order, queries.shape[0], num_cand)
-        step = _chunk_rows(num_pos, num_cand, num_rows)
-        chunk = _Chunk(step, num_pos, num_cand, scores)
-        lse = scores.new_empty(num_rows, num_pos)
-        nll = scores.new_empty(num_rows)
-        for lo in range(0, num_rows, step):
-            hi = min(lo + step, num_rows)
-            util = chunk.build(scores[lo:hi], order[lo:hi], lag_idx[:, lo:hi], lag)
-            chosen = util.gather(2, order[lo:hi, :, None])[..., 0]  # [c, K]
-            top = util.amax(2, keepdim=True)
-            log_norm = util.sub_(top).exp_().sum(2).log_().add_(top[..., 0])
-            lse[lo:hi] = log_norm
-            nll[lo:hi] = (log_norm - chosen).sum(1)
+        with torch.autocast(scores.device.type, enabled=False):
+            nll, lse = _forward(scores, order, queries, keys)
         ctx.save_for_backward(scores, order, queries, keys, lse)
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll: Tensor):  # type: ignore[override]
-        scores, order, queries, keys, lse = ctx.saved_tensors
-        num_rows, num_cand = scores.shape
-        num_pos = order.shape[1]
-        lag = _lag_matrices(queries, keys)
-        lag_idx = _lag_indices(order, queries.shape[0], num_cand)
-        grad_lag = torch.zeros_like(lag)
-        grad_scores = torch.empty_like(scores)
-        grad_nll = grad_nll.to(scores.dtype)
-        step = _chunk_rows(num_pos, num_cand, num_rows)
-        chunk = _Chunk(step, num_pos, num_cand, scores)
-        for lo in range(0, num_rows, step):
-            hi = min(lo + step, num_rows)
-            rows = hi - lo
-            util = chunk.build(scores[lo:hi], order[lo:hi], lag_idx[:, lo:hi], lag)
-            weight = grad_nll[lo:hi, None, None]
-            # Softmax times the incoming gradient, minus it at each chosen candidate.
-            grad_util = util.sub_(lse[lo:hi, :, None]).exp_().mul_(weight)
-            grad_util.scatter_add_(2, order[lo:hi, :, None], -weight.expand(rows, num_pos, 1))
-            torch.sum(grad_util, dim=1, out=grad_scores[lo:hi])
-            flat = grad_util.view(rows * num_pos, num_cand)
-            for ell in range(lag.shape[0]):
-                grad_lag[ell].index_add_(0, lag_idx[ell, lo:hi].reshape(-1), flat)
-        grad_lag = grad_lag[:, :num_cand]  # the sentinel row has no parameters
-        grad_queries = torch.matmul(grad_lag, keys)  # [L, N, W]
-        grad_keys = torch.einsum("lad,law->dw", grad_lag, queries)
-        return grad_scores, None, grad_queries, grad_keys
+        with torch.autocast(grad_nll.device.type, enabled=False):
+            return _backward(*ctx.saved_tensors, grad_nll)
 
 
 def transition_nll_chunked(scores: Tensor, order: Tensor, queries: Tensor, keys: Tensor) -> Tensor:
