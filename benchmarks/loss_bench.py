@@ -19,11 +19,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from dinorankclip.losses import AlipLoss, RankingLoss, clip_loss, cyclip_loss
+from dinorankclip.losses import LOSS_DEFAULTS, AlipLoss, Objective, clip_loss, cyclip_loss
 
 LOGIT_SCALE = 1 / 0.07
 
@@ -39,14 +40,19 @@ def make_inputs(num: int, dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return feats
 
 
-def ranking_loss(order: int, dim: int, top_k: int | None, head_dim: int = 32) -> Callable:
-    ranking = RankingLoss(order, dim, top_k, heads=1, head_dim=head_dim)
-    with torch.no_grad():
-        for scale in ranking.transition.scale if ranking.transition is not None else ():
-            scale.fill_(0.5)  # non-zero transitions, as after some training
+def objective_loss(name: str, order: int, dim: int, top_k: int | None, head_dim: int = 32) -> Callable:
+    """Return the whole training loss of ``name`` at full ranking weight, through the Objective."""
+    cfg = SimpleNamespace(**{**LOSS_DEFAULTS, "name": name, "order": order, "top_k": top_k})
+    cfg.transition_heads, cfg.transition_head_dim = 1, head_dim
+    objective = Objective(cfg, dim)
+    if objective.ranking.transition is not None:
+        with torch.no_grad():
+            for scale in objective.ranking.transition.scale:
+                scale.fill_(0.5)  # non-zero transitions, as after some training
 
     def loss(f: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
-        return clip_loss(f["image"], f["text"], scale) + ranking(f["image"], f["text"], scale)
+        outputs = {"image_features": f["image"], "text_features": f["text"], "logit_scale": scale}
+        return objective(outputs, None, progress=1.0)["loss"]
 
     return loss
 
@@ -57,11 +63,11 @@ def build_losses(dim: int) -> dict[str, Callable]:
         "clip": lambda f, s: clip_loss(f["image"], f["text"], s),
         "cyclip": lambda f, s: cyclip_loss(f["image"], f["text"], s),
         "alip": lambda f, s: alip(f["image"], f["text"], f["caption"], s)["loss"],
-        "rankclip (R=1, full lists)": ranking_loss(1, dim, None),
-        "R=2, top_k=32": ranking_loss(2, dim, 32),
-        "R=3, top_k=32": ranking_loss(3, dim, 32),
-        "R=3, top_k=64": ranking_loss(3, dim, 64),
-        "R=4, top_k=32": ranking_loss(4, dim, 32),
+        "rankclip (R=1, full lists)": objective_loss("rankclip", 1, dim, None),
+        "R=2, top_k=32": objective_loss("dinorankclip", 2, dim, 32),
+        "R=3, top_k=32": objective_loss("dinorankclip", 3, dim, 32),
+        "R=3, top_k=64": objective_loss("dinorankclip", 3, dim, 64),
+        "R=4, top_k=32": objective_loss("dinorankclip", 4, dim, 32),
     }
 
 

@@ -43,7 +43,7 @@ def list_losses(num, scale, *, dtype=torch.float32, autocast=False, rows=16):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         scores = scale * img @ txt.T
         target = scale * txt[:rows] @ torch.cat([img.detach(), txt.detach()[rows:]]).T
-        first = plackett_luce_nll(scores, descending_order(target, complete=True), num).mean()
+        first = plackett_luce_nll(scores, descending_order(target, reverse=True), num, reverse=True).mean()
         queries, keys = heads.lag_factors(txt)
         third = transition_nll_chunked(scores, descending_order(target, 16), queries, keys).mean()
     return [(value.detach(), torch.autograd.grad(value, (img, txt), retain_graph=True)) for value in (first, third)]

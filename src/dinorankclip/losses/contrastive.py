@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AlipLoss", "check_alip_columns", "clip_loss", "cyclic_terms", "cyclip_loss"]
+__all__ = ["AlipLoss", "check_alip_columns", "clip_loss", "cyclic_terms", "cyclip_loss", "infonce", "pair_logits"]
 
 
 def _columns(
@@ -56,6 +56,35 @@ def _check_pair(image_features: Tensor, text_features: Tensor) -> None:
             "image_features and text_features must both be [B, E] with the same shape, got "
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
+
+
+def pair_logits(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor | float,
+    *,
+    all_image_features: Tensor | None = None,
+    all_text_features: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Return (logits_per_image, logits_per_text), each [B, N]: this rank's rows of C and of Cᵀ.
+
+    In a single process logits_per_text is the transpose view of logits_per_image, so the
+    similarity matrix is computed once.
+    """
+    _check_pair(image_features, text_features)
+    if all_image_features is None and all_text_features is None:
+        logits_per_image = logit_scale * image_features @ text_features.T
+        return logits_per_image, logits_per_image.T
+    img_cols, txt_cols = _columns(image_features, text_features, all_image_features, all_text_features)
+    return logit_scale * image_features @ txt_cols.T, logit_scale * text_features @ img_cols.T
+
+
+def infonce(logits_per_image: Tensor, logits_per_text: Tensor, row_offset: int = 0) -> Tensor:
+    """Compute ½[CE(logits_per_image) + CE(logits_per_text)] with target column row_offset + i for row i."""
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device) + row_offset
+    return 0.5 * (
+        F.cross_entropy(_upcast(logits_per_image), labels) + F.cross_entropy(_upcast(logits_per_text), labels)
+    )
 
 
 def clip_loss(
@@ -87,14 +116,14 @@ def clip_loss(
     Returns:
         Scalar loss, float32 (float64 when the features are float64).
     """
-    _check_pair(image_features, text_features)
-    img_cols, txt_cols = _columns(image_features, text_features, all_image_features, all_text_features)
-    logits_per_image = logit_scale * image_features @ txt_cols.T  # [B, N]
-    logits_per_text = logit_scale * text_features @ img_cols.T  # [B, N]
-    labels = torch.arange(image_features.shape[0], device=image_features.device) + row_offset
-    return 0.5 * (
-        F.cross_entropy(_upcast(logits_per_image), labels) + F.cross_entropy(_upcast(logits_per_text), labels)
+    logits = pair_logits(
+        image_features,
+        text_features,
+        logit_scale,
+        all_image_features=all_image_features,
+        all_text_features=all_text_features,
     )
+    return infonce(*logits, row_offset)
 
 
 def cyclic_terms(

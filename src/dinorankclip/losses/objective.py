@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .contrastive import AlipLoss, clip_loss, cyclic_terms
+from .contrastive import AlipLoss, cyclic_terms, infonce, pair_logits
 from .distill import gate_l1, gram_loss, relational_loss, text_align_loss
 from .ranking import RankingLoss, rank_weight_at
 
@@ -139,10 +139,11 @@ class Objective(nn.Module):
             row_offset = dist.row_offset(img.shape[0])
 
         terms: dict[str, Tensor] = {}
+        logits = pair_logits(img, txt, scale, **gathered) if self.alip is None or self.order >= 1 else None
         if self.alip is not None:
             total = self._alip_terms(outputs, terms, dist, gathered, row_offset)
         else:
-            total = clip_loss(img, txt, scale, row_offset=row_offset, **gathered)
+            total = infonce(*logits, row_offset)
             terms["clip"] = total
         if self.name == "cyclip":
             in_modal, cross_modal = cyclic_terms(img, txt, **gathered)
@@ -151,7 +152,7 @@ class Objective(nn.Module):
 
         if self.order >= 1:
             weight = rank_weight_at(progress, self.rank_weight, self.rank_warmup_fraction)
-            rank_cross, rank_in = self.ranking.list_losses(img, txt, scale, **gathered)
+            rank_cross, rank_in = self.ranking.list_losses(img, txt, scale, logits=logits, **gathered)
             terms["rank_cross"], terms["rank_in"] = rank_cross, rank_in
             terms["rank_weight"] = torch.tensor(weight)
             total = total + weight * (rank_cross + rank_in)

@@ -28,24 +28,28 @@ def _loss_dtype(scores: Tensor) -> torch.dtype:
     return torch.float64 if scores.dtype == torch.float64 else torch.float32
 
 
-def complete_order(order: Tensor, num_candidates: int) -> Tensor:
-    """Append each row's unranked candidates (in increasing index order) after its K ranked ones."""
+def reversed_complete_order(order: Tensor, num_candidates: int) -> Tensor:
+    """Return [Q, N]: each row's unranked candidates (in index order), then its K ranked ones, last first."""
+    ranked = order.flip(1)
     if order.shape[1] == num_candidates:
-        return order
+        return ranked
     rest = torch.ones(order.shape[0], num_candidates, dtype=torch.bool, device=order.device)
     rest.scatter_(1, order, False)
     rest_idx = rest.nonzero()[:, 1].view(order.shape[0], -1)
-    return torch.cat([order, rest_idx], dim=1)
+    return torch.cat([rest_idx, ranked], dim=1)
 
 
-def plackett_luce_nll(scores: Tensor, order: Tensor, num_positions: int | None = None) -> Tensor:
+def plackett_luce_nll(
+    scores: Tensor, order: Tensor, num_positions: int | None = None, *, reverse: bool = False
+) -> Tensor:
     """Compute the first-order Plackett-Luce negative log-likelihood of each row's ranking.
 
     Args:
         scores: [Q, N] candidate scores (the model's utilities).
-        order: [Q, K] target ranking from ``descending_order``, or [Q, N] with the unranked
-            candidates after the ranked ones (``descending_order(..., complete=True)``).
-        num_positions: number of modelled positions (default: ``order.shape[1]``).
+        order: [Q, K] target ranking from ``descending_order``, best first; or, with ``reverse``,
+            [Q, N] from ``descending_order(..., reverse=True)``, last position first.
+        num_positions: number of modelled positions (default: K, or N with ``reverse``).
+        reverse: ``order`` is complete and given last position first.
 
     Returns:
         [Q] per-row NLL summed over the modelled positions, float32 (float64 for float64 scores).
@@ -54,10 +58,14 @@ def plackett_luce_nll(scores: Tensor, order: Tensor, num_positions: int | None =
         raise ValueError(
             f"scores must be [Q, N] and order [Q, K] with K <= N, got {tuple(scores.shape)} and {tuple(order.shape)}"
         )
-    num_positions = order.shape[1] if num_positions is None else num_positions
-    if not 1 <= num_positions <= order.shape[1]:
-        raise ValueError(f"num_positions must be in 1..{order.shape[1]}, got {num_positions}")
-    ranked = scores.to(_loss_dtype(scores)).gather(1, complete_order(order, scores.shape[1]))
+    if reverse and order.shape[1] != scores.shape[1]:
+        raise ValueError(f"a reversed order must be complete [Q, N], got {tuple(order.shape)}")
+    limit = order.shape[1]
+    num_positions = limit if num_positions is None else num_positions
+    if not 1 <= num_positions <= limit:
+        raise ValueError(f"num_positions must be in 1..{limit}, got {num_positions}")
+    full = order if reverse else reversed_complete_order(order, scores.shape[1])
+    ranked = scores.to(_loss_dtype(scores)).gather(1, full)
     return listmle_nll(ranked, num_positions)
 
 
@@ -85,5 +93,5 @@ def plackett_luce_loss(scores: Tensor, target_scores: Tensor, top_k: int | None 
             f"{tuple(target_scores.shape)}"
         )
     num_positions = check_top_k(top_k, scores.shape[1])
-    order = descending_order(target_scores, top_k, complete=True)
-    return plackett_luce_nll(scores, order, num_positions).mean()
+    order = descending_order(target_scores, top_k, reverse=True)
+    return plackett_luce_nll(scores, order, num_positions, reverse=True).mean()

@@ -18,14 +18,43 @@ returns L_cross + L_in.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
+from .contrastive import pair_logits
 from .ordering import check_top_k, descending_order
 from .plackett_luce import plackett_luce_nll
 from .transition import MAX_ORDER, TransitionHeads
 from .transition_kernel import transition_nll_chunked
 
 __all__ = ["RankingLoss", "rank_weight_at"]
+
+
+class _ScaledGram(torch.autograd.Function):
+    """s·F Fᵀ with a one-matmul backward: ∂F = s·(∂A + ∂Aᵀ) F and ∂s = ½ Σ F ⊙ ((∂A + ∂Aᵀ) F).
+
+    Autograd's matmul backward would run two matmuls, one per operand, although both are F.
+    """
+
+    @staticmethod
+    def forward(ctx, features: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(features, scale)
+        return scale * (features @ features.T)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        features, scale = ctx.saved_tensors
+        product = (grad + grad.T) @ features
+        grad_scale = 0.5 * (features * product).sum() if ctx.needs_input_grad[1] else None
+        return scale * product, grad_scale
+
+
+def _in_modal_scores(rows: Tensor, cols: Tensor | None, logit_scale: Tensor | float) -> Tensor:
+    """Return s·rows @ colsᵀ ([B, N]); cols None means cols = rows (a single process)."""
+    if cols is not None or torch.is_autocast_enabled(rows.device.type):
+        return logit_scale * rows @ (rows if cols is None else cols).T
+    scale = torch.as_tensor(logit_scale, dtype=rows.dtype, device=rows.device)
+    return _ScaledGram.apply(rows, scale)
 
 
 def rank_weight_at(progress: float, rank_weight: float, warmup_fraction: float) -> float:
@@ -78,6 +107,7 @@ class RankingLoss(nn.Module):
         *,
         all_image_features: Tensor | None = None,
         all_text_features: Tensor | None = None,
+        logits: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Return (L_cross, L_in), each the mean of its two lists' per-position NLL.
 
@@ -87,6 +117,8 @@ class RankingLoss(nn.Module):
             logit_scale: scalar, already exponentiated.
             all_image_features: [N, E] all ranks' image features (None in a single process).
             all_text_features: [N, E] all ranks' text features (None in a single process).
+            logits: (logits_per_image, logits_per_text) from ``pair_logits`` for the same inputs,
+                to share them with the contrastive loss; computed here when None.
         """
         if (all_image_features is None) != (all_text_features is None):
             raise ValueError("all_image_features and all_text_features must be given together or not at all")
@@ -95,10 +127,13 @@ class RankingLoss(nn.Module):
         if self.order == 0:
             zero = image_features.new_zeros(()).float()
             return zero, zero
-        cross_img = logit_scale * image_features @ txt_cols.T  # [B, N]: image rows over texts
-        cross_txt = logit_scale * text_features @ img_cols.T  # [B, N]: text rows over images
-        in_img = logit_scale * image_features @ img_cols.T  # [B, N]
-        in_txt = logit_scale * text_features @ txt_cols.T  # [B, N]
+        if logits is None:
+            gathered = {"all_image_features": all_image_features, "all_text_features": all_text_features}
+            logits = pair_logits(image_features, text_features, logit_scale, **gathered)
+        cross_img = logits[0]  # [B, N]: image rows over texts
+        cross_txt = logits[1].contiguous()  # [B, N]: text rows over images
+        in_img = _in_modal_scores(image_features, all_image_features, logit_scale)  # [B, N]
+        in_txt = _in_modal_scores(text_features, all_text_features, logit_scale)  # [B, N]
         # (scores, target scores, candidate embeddings)
         lists = (
             (cross_img, cross_txt, txt_cols),
@@ -112,8 +147,8 @@ class RankingLoss(nn.Module):
     def _list_loss(self, scores: Tensor, target_scores: Tensor, candidates: Tensor) -> Tensor:
         num_pos = check_top_k(self.top_k, scores.shape[1])
         if self.transition is None:
-            order = descending_order(target_scores, self.top_k, complete=True)
-            nll = plackett_luce_nll(scores, order, num_pos)
+            order = descending_order(target_scores, self.top_k, reverse=True)
+            nll = plackett_luce_nll(scores, order, num_pos, reverse=True)
         else:
             cand = candidates.detach() if self.detach else candidates
             queries, keys = self.transition.lag_factors(cand)
@@ -129,6 +164,7 @@ class RankingLoss(nn.Module):
         *,
         all_image_features: Tensor | None = None,
         all_text_features: Tensor | None = None,
+        logits: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Return L_cross + L_in (see ``list_losses``)."""
         cross, inmodal = self.list_losses(
@@ -137,5 +173,6 @@ class RankingLoss(nn.Module):
             logit_scale,
             all_image_features=all_image_features,
             all_text_features=all_text_features,
+            logits=logits,
         )
         return cross + inmodal
