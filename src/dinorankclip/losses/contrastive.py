@@ -6,7 +6,7 @@ text features v, logit scale s (already exponentiated). C = s·U Vᵀ has image 
 Distributed form: every function takes this rank's rows (``image_features``, ``text_features``) and,
 optionally, the all-gathered features of every rank (``all_image_features``, ``all_text_features``)
 together with ``row_offset``, the global index of this rank's first row. Each loss is a mean over the
-local rows of a per-row quantity, so when every rank holds the same number of rows, averaging the
+local rows of a per-row quantity, so when every rank has the same number of rows, averaging the
 per-rank losses (which is what DistributedDataParallel does with gradients) gives the loss and the
 gradient of the whole global batch.
 
@@ -201,13 +201,13 @@ def check_alip_columns(columns: Sequence[str], column_name: str | None) -> None:
     if not column_name:
         raise ValueError(
             "loss.name='alip' needs a second caption per image, but data.second_caption_column is not set; "
-            "set it to the name of the column that holds the second (synthetic) captions"
+            "set it to the name of the column that contains the second (synthetic) captions"
         )
     if column_name not in columns:
         raise ValueError(
             f"loss.name='alip' needs a second caption per image in column {column_name!r} "
             f"(data.second_caption_column), but the training data has only the columns {list(columns)}; "
-            "add that column to the data or set data.second_caption_column to the column that holds them"
+            "add that column to the data or set data.second_caption_column to the column that contains them"
         )
 
 

@@ -36,8 +36,8 @@ def _token_gram(tokens: Tensor) -> Tensor:
 def gram_loss(student_levels: Sequence[Tensor], teacher_levels: Sequence[Tensor]) -> Tensor:
     """Compute the Gram-matrix distillation loss between student and teacher patch tokens.
 
-    For every level, both token sets are L2-normalised per token and their P×P cosine-similarity
-    matrices are compared by mean squared error; the result is averaged over levels.
+    For every level, both token sets are L2-normalised per token, and their P×P cosine-similarity
+    matrices are compared by mean squared error. The result is averaged over levels.
 
     Args:
         student_levels: S tensors [B, P, Dt], student patch tokens projected to the teacher width.
@@ -81,7 +81,7 @@ def relational_loss(
     """Compute the relational distance loss between student and teacher global features.
 
     Pairwise distances of L2-normalised features across the batch are compared with a Huber loss
-    (threshold ``delta``); the pairs (i, i) are excluded.
+    (threshold ``delta``). The pairs (i, i) are excluded.
 
     Args:
         student_global: [B, Dt] student global features (this rank's rows).

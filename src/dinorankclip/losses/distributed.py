@@ -72,5 +72,5 @@ class FeatureGather:
         return all_gather_with_grad(tensor, self.group)
 
     def row_offset(self, local_rows: int) -> int:
-        """Return the global index of this rank's first row when every rank holds ``local_rows``."""
+        """Return the global index of this rank's first row when every rank has ``local_rows`` rows."""
         return self.rank * local_rows

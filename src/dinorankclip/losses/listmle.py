@@ -1,6 +1,6 @@
 """Fast first-order Plackett-Luce (ListMLE) NLL with an analytic backward pass.
 
-Rows come last target position first: column c holds the candidate at position N-1-c. For one row
+Rows come last target position first: column c is the candidate at position N-1-c. For one row
 x with K modelled positions (the last K columns) and R_c = logsumexp(x_0, …, x_c)::
 
     nll = Σ_{c≥N-K} (R_c - x_c)
@@ -140,7 +140,7 @@ def listmle_nll(ranked: Tensor, num_positions: int) -> Tensor:
     """Compute the first-order Plackett-Luce NLL of rows given last target position first.
 
     Args:
-        ranked: [Q, N] float32 or float64 scores; column c holds the candidate at target position
+        ranked: [Q, N] float32 or float64 scores; column c is the candidate at target position
             N-1-c, so the K modelled positions are the last K columns and unmodelled candidates
             (in any order) come first.
         num_positions: number of modelled positions K, 1 ≤ K ≤ N.

@@ -27,12 +27,17 @@ Default weights (``LOSS_DEFAULTS``) and why:
   per-pair quantities (see ``distill.py``), of order 0.1 to 1 at initialisation.
 - ``gate_l1_weight = 0.01``: a sigmoid gate starts near 0.5 per entry, adding about 0.01 to the loss.
 
-Output keys: ``loss`` (the total, with gradient) and, detached for logging, ``clip`` (not for ALIP),
-``cyclic_in`` and ``cyclic_cross`` (CyCLIP), ``alip``, ``alip_image_text``, ``alip_image_caption``,
-``alip_sample_weight``, ``alip_pair_weight_text``, ``alip_pair_weight_caption`` (ALIP), ``rank_cross``,
-``rank_in`` and ``rank_weight`` (order ≥ 1), and ``gram``, ``relational``, ``text_align``, ``gate_l1``
-when their inputs are present. ALIP reads the second caption's embeddings from the model output
-``second_text_features`` ([B, E], L2-normalised).
+Output keys: ``loss`` is the total, with gradient. The other keys are detached, for logging:
+
+- ``clip`` (every name but ALIP);
+- ``cyclic_in``, ``cyclic_cross`` (CyCLIP);
+- ``alip``, ``alip_image_text``, ``alip_image_caption``, ``alip_sample_weight``,
+  ``alip_pair_weight_text``, ``alip_pair_weight_caption`` (ALIP);
+- ``rank_cross``, ``rank_in``, ``rank_weight`` (order ≥ 1);
+- ``gram``, ``relational``, ``text_align``, ``gate_l1`` (when their inputs are present).
+
+ALIP reads the second caption's embeddings from the model output ``second_text_features``
+([B, E], L2-normalised).
 """
 
 from __future__ import annotations

@@ -125,13 +125,16 @@ class RankingLoss(nn.Module):
         img_cols = image_features if all_image_features is None else all_image_features
         txt_cols = text_features if all_text_features is None else all_text_features
         if self.order == 0:
-            zero = image_features.new_zeros(()).float()
+            zero = image_features.new_zeros((), dtype=torch.promote_types(image_features.dtype, torch.float32))
             return zero, zero
         if logits is None:
             gathered = {"all_image_features": all_image_features, "all_text_features": all_text_features}
             logits = pair_logits(image_features, text_features, logit_scale, **gathered)
         cross_img = logits[0]  # [B, N]: image rows over texts
-        cross_txt = logits[1].contiguous()  # [B, N]: text rows over images
+        cross_txt = logits[1]  # [B, N]: text rows over images (a transposed view in a single process)
+        if self.transition is None:
+            # ListMLE gathers whole rows in a random order, which is slow across a transposed view.
+            cross_txt = cross_txt.contiguous()
         in_img = _in_modal_scores(image_features, all_image_features, logit_scale)  # [B, N]
         in_txt = _in_modal_scores(text_features, all_text_features, logit_scale)  # [B, N]
         # (scores, target scores, candidate embeddings)
@@ -141,17 +144,21 @@ class RankingLoss(nn.Module):
             (in_img, in_txt, img_cols),
             (in_txt, in_img, txt_cols),
         )
-        losses = [self._list_loss(scores, target, cand) for scores, target, cand in lists]
+        factors: dict[int, tuple[Tensor, Tensor]] = {}  # lag factors per candidate set (images, texts)
+        losses = [self._list_loss(scores, target, cand, factors) for scores, target, cand in lists]
         return 0.5 * (losses[0] + losses[1]), 0.5 * (losses[2] + losses[3])
 
-    def _list_loss(self, scores: Tensor, target_scores: Tensor, candidates: Tensor) -> Tensor:
+    def _list_loss(self, scores: Tensor, target_scores: Tensor, candidates: Tensor, factors: dict) -> Tensor:
         num_pos = check_top_k(self.top_k, scores.shape[1])
         if self.transition is None:
             order = descending_order(target_scores, self.top_k, reverse=True)
             nll = plackett_luce_nll(scores, order, num_pos, reverse=True)
         else:
-            cand = candidates.detach() if self.detach else candidates
-            queries, keys = self.transition.lag_factors(cand)
+            if id(candidates) not in factors:
+                factors[id(candidates)] = self.transition.lag_factors(
+                    candidates.detach() if self.detach else candidates
+                )
+            queries, keys = factors[id(candidates)]
             order = descending_order(target_scores, self.top_k)
             nll = transition_nll_chunked(scores, order, queries, keys)
         return nll.mean() / num_pos

@@ -175,7 +175,8 @@ def transition_nll_chunked(scores: Tensor, order: Tensor, queries: Tensor, keys:
     """Compute the order-R Plackett-Luce NLL of each row without materialising Q×K×N tensors.
 
     Args:
-        scores: [Q, N] first-order candidate scores x.
+        scores: [Q, N] first-order candidate scores x, any strides (a transposed view is read chunk by
+            chunk, not copied).
         order: [Q, K] target ranking (candidate indices, best first).
         queries: [L, N, W] per-lag queries (``TransitionHeads.lag_factors``).
         keys: [N, W] keys.
@@ -185,5 +186,5 @@ def transition_nll_chunked(scores: Tensor, order: Tensor, queries: Tensor, keys:
     """
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     return _TransitionNLL.apply(
-        scores.to(dtype).contiguous(), order.contiguous(), queries.to(dtype).contiguous(), keys.to(dtype).contiguous()
+        scores.to(dtype), order.contiguous(), queries.to(dtype).contiguous(), keys.to(dtype).contiguous()
     )
