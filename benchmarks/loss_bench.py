@@ -7,8 +7,9 @@ Run from the repository root::
 Times are the minimum over ``--repeats`` rounds; every round runs each loss once in turn, so the
 ratios compare measurements taken side by side under the same machine load. Peak extra memory is
 the growth of the process's peak resident set size (VmHWM) during one forward+backward pass, run
-in a fresh subprocess per loss and size, so it counts every allocation (torch and numpy) and no
-cached memory from earlier runs. Linux only (it reads /proc/self/status).
+in a fresh subprocess per loss and size after one warm-up pass at N = 64, so it counts every
+allocation (torch and numpy) and no memory cached by earlier large runs. Linux only (it reads
+/proc/self/status).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss
 
 from dinorankclip.losses import LOSS_DEFAULTS, AlipLoss, Objective, clip_loss, cyclip_loss
 
@@ -59,8 +61,10 @@ def objective_loss(name: str, order: int, dim: int, top_k: int | None, head_dim:
 
 def build_losses(dim: int) -> dict[str, Callable]:
     alip = AlipLoss()
+    open_clip_loss = ClipLoss()
     return {
         "clip": lambda f, s: clip_loss(f["image"], f["text"], s),
+        "open_clip ClipLoss": lambda f, s: open_clip_loss(f["image"], f["text"], s),
         "cyclip": lambda f, s: cyclip_loss(f["image"], f["text"], s),
         "alip": lambda f, s: alip(f["image"], f["text"], f["caption"], s)["loss"],
         "rankclip (R=1, full lists)": objective_loss("rankclip", 1, dim, None),
@@ -87,9 +91,11 @@ def _read_status_kib(field: str) -> int:
 
 def measure_memory(name: str, num: int, dim: int) -> float:
     """Return the peak extra resident memory (MiB) of one forward+backward pass of loss ``name``."""
-    feats = make_inputs(num, dim)
     loss = build_losses(dim)[name]
     scale = torch.tensor(LOGIT_SCALE, requires_grad=True)
+    # A pass at N = 64 first loads libraries and starts thread pools, which are not the loss's memory.
+    run_once(loss, make_inputs(64, dim), scale)
+    feats = make_inputs(num, dim)
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM to the current resident size
     before = _read_status_kib("VmRSS")

@@ -3,7 +3,15 @@
 Every loss takes tensors, never batches. See each module's docstring for its normalisation.
 """
 
-from .contrastive import AlipLoss, check_alip_columns, clip_loss, cyclic_terms, cyclip_loss, infonce, pair_logits
+from .contrastive import (
+    AlipLoss,
+    check_alip_columns,
+    clip_loss,
+    cyclic_terms,
+    cyclip_loss,
+    infonce,
+    pair_logits,
+)
 from .distill import gate_l1, gram_loss, relational_loss, text_align_loss
 from .distributed import FeatureGather, all_gather_with_grad
 from .objective import DEFAULT_ORDER, LOSS_DEFAULTS, LOSS_NAMES, Objective

@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AlipLoss", "check_alip_columns", "clip_loss", "cyclic_terms", "cyclip_loss", "infonce", "pair_logits"]
+__all__ = [
+    "AlipLoss",
+    "check_alip_columns",
+    "clip_loss",
+    "cyclic_terms",
+    "cyclip_loss",
+    "infonce",
+    "pair_logits",
+]
 
 
 def _columns(
@@ -79,12 +87,42 @@ def pair_logits(
     return logit_scale * image_features @ txt_cols.T, logit_scale * text_features @ img_cols.T
 
 
+class _RowCrossEntropy(torch.autograd.Function):
+    """Mean over rows of logsumexp(row) - row[target], with a one-buffer backward (softmax - one-hot).
+
+    ``F.cross_entropy`` keeps a B×N log-softmax for its backward pass and autograd of the indexed
+    form allocates a B×N buffer for the index as well; this keeps only the logits (which callers
+    keep anyway) and the B row log-normalisers.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
+        lse = torch.logsumexp(logits, dim=1)
+        picked = logits.gather(1, targets[:, None])[:, 0]
+        ctx.save_for_backward(logits, targets, lse)
+        return (lse - picked).mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        logits, targets, lse = ctx.saved_tensors
+        weight = grad / logits.shape[0]
+        grad_logits = torch.exp(logits - lse[:, None]).mul_(weight)
+        grad_logits.scatter_add_(1, targets[:, None], (-weight).expand(logits.shape[0], 1).to(logits.dtype))
+        return grad_logits, None
+
+
 def infonce(logits_per_image: Tensor, logits_per_text: Tensor, row_offset: int = 0) -> Tensor:
-    """Compute ½[CE(logits_per_image) + CE(logits_per_text)] with target column row_offset + i for row i."""
-    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device) + row_offset
-    return 0.5 * (
-        F.cross_entropy(_upcast(logits_per_image), labels) + F.cross_entropy(_upcast(logits_per_text), labels)
-    )
+    """Compute ½[CE(logits_per_image) + CE(logits_per_text)] with target column row_offset + i for row i.
+
+    Args:
+        logits_per_image: [B, N] image rows over all texts.
+        logits_per_text: [B, N] text rows over all images.
+        row_offset: global index of this rank's first row.
+    """
+    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device) + row_offset
+    image_ce = _RowCrossEntropy.apply(_upcast(logits_per_image), targets)
+    text_ce = _RowCrossEntropy.apply(_upcast(logits_per_text), targets)
+    return 0.5 * (image_ce + text_ce)
 
 
 def clip_loss(

@@ -21,8 +21,8 @@ as no exponential underflows:
 
 NOTE: the partial sums are sums of exponentials against one reference per row, not a strict
 log-space scan. They are exact because each row's precision is chosen so that no term underflows;
-rows for which that cannot be guaranteed take the log-space scan. The backward pass recomputes R
-instead of storing it.
+rows for which that cannot be guaranteed take the log-space scan. The forward pass keeps R for the
+K modelled columns (Q×K values) for the backward pass.
 """
 
 from __future__ import annotations
@@ -105,25 +105,25 @@ class _ListMLE(torch.autograd.Function):
     def forward(ctx, ranked: Tensor, num_positions: int) -> Tensor:  # type: ignore[override]
         with torch.autocast(ranked.device.type, enabled=False):
             x = ranked.detach()
-            prefix, _, _ = _prefix_lse_rows(x)
+            prefix, mid_idx, wide_idx = _prefix_lse_rows(x)
             first = x.shape[1] - num_positions
             nll = (prefix[:, first:] - x[:, first:]).sum(1, dtype=torch.float64)
-        ctx.save_for_backward(ranked)
+        # Only the modelled columns of R are kept for the backward pass (Q×K values).
+        ctx.save_for_backward(ranked, prefix[:, first:].contiguous(), mid_idx, wide_idx)
         ctx.num_positions = num_positions
         return nll.to(ranked.dtype)
 
     @staticmethod
     def backward(ctx, grad_nll: Tensor):  # type: ignore[override]
-        (ranked,) = ctx.saved_tensors
+        ranked, modelled, mid_idx, wide_idx = ctx.saved_tensors
         with torch.autocast(ranked.device.type, enabled=False):
-            return _listmle_backward(ranked, ctx.num_positions, grad_nll), None
+            return _listmle_backward(ranked, modelled, mid_idx, wide_idx, grad_nll), None
 
 
-def _listmle_backward(x: Tensor, num_positions: int, grad_nll: Tensor) -> Tensor:
-    num_cand = x.shape[1]
-    first = num_cand - num_positions
-    prefix, mid_idx, wide_idx = _prefix_lse_rows(x)
-    modelled = prefix[:, first:]  # [Q, K], rising along the row
+def _listmle_backward(
+    x: Tensor, modelled: Tensor, mid_idx: Tensor | None, wide_idx: Tensor | None, grad_nll: Tensor
+) -> Tensor:
+    first = x.shape[1] - modelled.shape[1]
     # log Σ_{c≥c'} exp(-R_c) over the modelled columns: -R falls along the row, so its first entry
     # bounds every term, and the sums run from the end of the row.
     ref = modelled[:, :1]
