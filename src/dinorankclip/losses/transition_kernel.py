@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["CHUNK_ELEMENTS", "transition_nll_chunked"]
@@ -57,17 +58,18 @@ def _lag_matrices(queries: Tensor, keys: Tensor, items: Tensor) -> Tensor:
 
 
 def _lag_indices(order: Tensor, num_lags: int, compact: Tensor, sentinel: int) -> Tensor:
-    """Return [L, Q, K]: the compact row of the item placed ℓ positions earlier, or the sentinel."""
+    """Return [Q, K, L]: for each position, the row of lag ℓ's matrix holding the item placed ℓ
+    positions earlier (or the sentinel), offset by ℓ·(U + 1) to index the flattened lag matrices."""
     num_rows, num_pos = order.shape
-    idx = order.new_full((num_lags, num_rows, num_pos), sentinel)
+    idx = order.new_full((num_rows, num_pos, num_lags), sentinel)
     for lag in range(1, num_lags + 1):
         if lag < num_pos:
-            idx[lag - 1, :, lag:] = compact[order[:, : num_pos - lag]]
-    return idx
+            idx[:, lag:, lag - 1] = compact[order[:, : num_pos - lag]]
+    return idx + torch.arange(num_lags, device=order.device) * (sentinel + 1)
 
 
 class _Chunk:
-    """Buffers for building the utilities of up to ``rows`` rows, reused across chunks.
+    """Builder of the utilities of up to ``rows`` rows, with a buffer reused across chunks.
 
     Utilities are kept in base-2 units (U·log2 e), because exp2 is several times faster than exp
     on CPU.
@@ -75,28 +77,36 @@ class _Chunk:
 
     def __init__(self, rows: int, num_pos: int, num_cand: int, like: Tensor) -> None:
         self.util = like.new_empty(rows, num_pos, num_cand)
-        self.tmp = like.new_empty(rows, num_pos, num_cand)
         # placed[j - 1, j'] = min(j', j - 1): the positions already filled before position j ≥ 1,
         # padded by repeating position j - 1.
         steps = torch.arange(max(num_pos - 1, 0), device=like.device)
         self.placed = torch.minimum(steps[None, :], steps[:, None])
 
     def build(self, x2: Tensor, order: Tensor, lag_idx: Tensor, lag2: Tensor) -> Tensor:
-        """Return the masked base-2 utilities [c, K, N] for the rows ``x2`` ([c, N], c ≤ buffer rows)."""
+        """Return the masked base-2 utilities [c, K, N] for the rows ``x2`` ([c, N], c ≤ buffer rows).
+
+        ``lag_idx`` is [c, K, L]: for each position, the row of each lag's matrix in ``lag2``
+        flattened to [L·(U+1), N].
+        """
         rows, num_pos = order.shape
         num_cand = x2.shape[1]
-        util = self.util[:rows]
-        flat = util.view(rows * num_pos, num_cand)
-        torch.index_select(lag2[0], 0, lag_idx[0].reshape(-1), out=flat)
-        for ell in range(1, lag2.shape[0]):
-            tmp = self.tmp[:rows].view(rows * num_pos, num_cand)
-            torch.index_select(lag2[ell], 0, lag_idx[ell].reshape(-1), out=tmp)
-            flat.add_(tmp)
+        if lag_idx.shape[2] == 1:
+            util = self.util[:rows]
+            torch.index_select(lag2, 0, lag_idx.reshape(-1), out=util.view(rows * num_pos, num_cand))
+        else:
+            # One fused gather-and-sum over the lags' rows, instead of a gather and an add per lag.
+            util = F.embedding_bag(lag_idx.reshape(rows * num_pos, -1), lag2, mode="sum")
+            util = util.view(rows, num_pos, num_cand)
         util.add_(x2[:, None, :])
         if num_pos > 1:
             # Position j excludes the j candidates placed before it: K² writes per row, not K·N.
             util[:, 1:].scatter_(2, order[:, self.placed], float("-inf"))
         return util
+
+
+def _rows_base2(scores: Tensor, lo: int, hi: int) -> Tensor:
+    """Return rows lo:hi of ``scores`` times log2 e, contiguous even when ``scores`` is a transposed view."""
+    return torch.mul(scores[lo:hi], LOG2E, out=scores.new_empty(hi - lo, scores.shape[1]))
 
 
 def _chunk_rows(num_pos: int, num_cand: int, num_rows: int) -> int:
@@ -108,6 +118,7 @@ def _forward(scores: Tensor, order: Tensor, queries: Tensor, keys: Tensor) -> tu
     num_pos = order.shape[1]
     items, compact = _placed_items(order, num_cand)
     lag2 = _lag_matrices(queries * LOG2E, keys, items)
+    lag2_flat = lag2.view(-1, num_cand)
     lag_idx = _lag_indices(order, queries.shape[0], compact, items.numel())
     step = _chunk_rows(num_pos, num_cand, num_rows)
     chunk = _Chunk(step, num_pos, num_cand, scores)
@@ -115,7 +126,7 @@ def _forward(scores: Tensor, order: Tensor, queries: Tensor, keys: Tensor) -> tu
     nll = scores.new_empty(num_rows)
     for lo in range(0, num_rows, step):
         hi = min(lo + step, num_rows)
-        util = chunk.build(scores[lo:hi] * LOG2E, order[lo:hi], lag_idx[:, lo:hi], lag2)
+        util = chunk.build(_rows_base2(scores, lo, hi), order[lo:hi], lag_idx[lo:hi], lag2_flat)
         chosen = util.gather(2, order[lo:hi, :, None])[..., 0]  # [c, K]
         top = util.amax(2, keepdim=True)
         log_norm = util.sub_(top).exp2_().sum(2).log2_().add_(top[..., 0])
@@ -131,16 +142,19 @@ def _backward(
     num_pos = order.shape[1]
     items, compact = _placed_items(order, num_cand)
     lag2 = _lag_matrices(queries * LOG2E, keys, items)
+    lag2_flat = lag2.view(-1, num_cand)
     lag_idx = _lag_indices(order, queries.shape[0], compact, items.numel())
     grad_lag = torch.zeros_like(lag2)
-    grad_scores = torch.empty_like(scores)
+    grad_lag_flat = grad_lag.view(-1, num_cand)
+    # Contiguous even for a transposed ``scores`` view, so the per-chunk row sums write rows.
+    grad_scores = scores.new_empty(scores.shape)
     grad_nll = grad_nll.to(scores.dtype)
     step = _chunk_rows(num_pos, num_cand, num_rows)
     chunk = _Chunk(step, num_pos, num_cand, scores)
     for lo in range(0, num_rows, step):
         hi = min(lo + step, num_rows)
         rows = hi - lo
-        util = chunk.build(scores[lo:hi] * LOG2E, order[lo:hi], lag_idx[:, lo:hi], lag2)
+        util = chunk.build(_rows_base2(scores, lo, hi), order[lo:hi], lag_idx[lo:hi], lag2_flat)
         weight = grad_nll[lo:hi, None, None]
         # Softmax times the incoming gradient, minus it at each chosen candidate.
         grad_util = util.sub_(lse2[lo:hi, :, None]).exp2_().mul_(weight)
@@ -148,7 +162,7 @@ def _backward(
         torch.sum(grad_util, dim=1, out=grad_scores[lo:hi])
         flat = grad_util.view(rows * num_pos, num_cand)
         for ell in range(lag2.shape[0]):
-            grad_lag[ell].index_add_(0, lag_idx[ell, lo:hi].reshape(-1), flat)
+            grad_lag_flat.index_add_(0, lag_idx[lo:hi, :, ell].reshape(-1), flat)
     grad_lag = grad_lag[:, : items.numel()]  # the sentinel row has no parameters
     grad_queries = torch.zeros_like(queries)
     grad_queries[:, items] = torch.matmul(grad_lag, keys)  # [L, U, W]
