@@ -6,9 +6,9 @@ text features v, logit scale s (already exponentiated). C = s·U Vᵀ has image 
 Distributed form: every function takes this rank's rows (``image_features``, ``text_features``) and,
 optionally, the all-gathered features of every rank (``all_image_features``, ``all_text_features``)
 together with ``row_offset``, the global index of this rank's first row. Each loss is a mean over the
-local rows of a per-row quantity, so when every rank has the same number of rows, averaging the
-per-rank losses (which is what DistributedDataParallel does with gradients) gives the loss and the
-gradient of the whole global batch.
+local rows of a per-row quantity. So when every rank has the same number of rows, the mean of the
+per-rank losses is the loss of the whole global batch, and DistributedDataParallel's averaged
+gradient is its gradient.
 
 Normalisation:
 
@@ -90,9 +90,9 @@ def pair_logits(
 class _RowCrossEntropy(torch.autograd.Function):
     """Mean over rows of logsumexp(row) - row[target], with a one-buffer backward (softmax - one-hot).
 
-    ``F.cross_entropy`` keeps a B×N log-softmax for its backward pass and autograd of the indexed
-    form allocates a B×N buffer for the index as well; this keeps only the logits (which callers
-    keep anyway) and the B row log-normalisers.
+    ``F.cross_entropy`` keeps a B×N log-softmax for its backward pass, and autograd of the indexed
+    form allocates a B×N buffer for the index as well. This function keeps only the logits, which
+    callers keep anyway, and the B row log-normalisers.
     """
 
     @staticmethod
