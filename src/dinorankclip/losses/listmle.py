@@ -1,7 +1,8 @@
 """Fast first-order Plackett-Luce (ListMLE) NLL with an analytic backward pass.
 
-Rows come last target position first: column c is the candidate at position N-1-c. For one row
-x with K modelled positions (the last K columns) and R_c = logsumexp(x_0, …, x_c)::
+Each row of scores is first gathered in its target ranking's reverse order, so column c is the
+candidate at position N-1-c. For one gathered row x with K modelled positions (the last K columns)
+and R_c = logsumexp(x_0, …, x_c)::
 
     nll = Σ_{c≥N-K} (R_c - x_c)
     ∂nll/∂x_c' = Σ_{c ≥ max(c', N-K)} exp(x_c' - R_c) - [c' ≥ N-K]
@@ -102,22 +103,23 @@ def _prefix_lse_rows(x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
 
 class _ListMLE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ranked: Tensor, num_positions: int) -> Tensor:  # type: ignore[override]
-        with torch.autocast(ranked.device.type, enabled=False):
-            x = ranked.detach()
+    def forward(ctx, scores: Tensor, order: Tensor, num_positions: int) -> Tensor:  # type: ignore[override]
+        with torch.autocast(scores.device.type, enabled=False):
+            x = scores.detach().gather(1, order)  # [Q, N], last target position first
             prefix, mid_idx, wide_idx = _prefix_lse_rows(x)
             first = x.shape[1] - num_positions
             nll = (prefix[:, first:] - x[:, first:]).sum(1, dtype=torch.float64)
         # Only the modelled columns of R are kept for the backward pass (Q×K values).
-        ctx.save_for_backward(ranked, prefix[:, first:].contiguous(), mid_idx, wide_idx)
-        ctx.num_positions = num_positions
-        return nll.to(ranked.dtype)
+        ctx.save_for_backward(x, order, prefix[:, first:].contiguous(), mid_idx, wide_idx)
+        return nll.to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad_nll: Tensor):  # type: ignore[override]
-        ranked, modelled, mid_idx, wide_idx = ctx.saved_tensors
-        with torch.autocast(ranked.device.type, enabled=False):
-            return _listmle_backward(ranked, modelled, mid_idx, wide_idx, grad_nll), None
+        x, order, modelled, mid_idx, wide_idx = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            grad_ranked = _listmle_backward(x, modelled, mid_idx, wide_idx, grad_nll)
+            # ``order`` is a permutation of every row, so the scatter writes each entry once.
+            return torch.empty_like(grad_ranked).scatter_(1, order, grad_ranked), None, None
 
 
 def _listmle_backward(
@@ -136,16 +138,17 @@ def _listmle_backward(
     return grad.mul_(grad_nll.to(x.dtype)[:, None])
 
 
-def listmle_nll(ranked: Tensor, num_positions: int) -> Tensor:
-    """Compute the first-order Plackett-Luce NLL of rows given last target position first.
+def listmle_nll(scores: Tensor, order: Tensor, num_positions: int) -> Tensor:
+    """Compute the first-order Plackett-Luce NLL of each row's ranking.
 
     Args:
-        ranked: [Q, N] float32 or float64 scores. Column c is the candidate at target position
-            N-1-c, so the K modelled positions are the last K columns. Unmodelled candidates, in
-            any order, come first.
+        scores: [Q, N] float32 or float64 candidate scores.
+        order: [Q, N] every row's complete ranking, last target position first
+            (``descending_order(..., reverse=True)``): the K modelled positions are the last K
+            columns, and unmodelled candidates, in any order, come first.
         num_positions: number of modelled positions K, 1 ≤ K ≤ N.
 
     Returns:
-        [Q] per-row NLL summed over the K positions, in the dtype of ``ranked``.
+        [Q] per-row NLL summed over the K positions, in the dtype of ``scores``.
     """
-    return _ListMLE.apply(ranked, num_positions)
+    return _ListMLE.apply(scores, order, num_positions)

@@ -65,8 +65,7 @@ def plackett_luce_nll(
     if not 1 <= num_positions <= limit:
         raise ValueError(f"num_positions must be in 1..{limit}, got {num_positions}")
     full = order if reverse else reversed_complete_order(order, scores.shape[1])
-    ranked = scores.to(_loss_dtype(scores)).gather(1, full)
-    return listmle_nll(ranked, num_positions)
+    return listmle_nll(scores.to(_loss_dtype(scores)), full, num_positions)
 
 
 def plackett_luce_loss(scores: Tensor, target_scores: Tensor, top_k: int | None = None) -> Tensor:

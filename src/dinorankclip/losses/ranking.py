@@ -44,7 +44,8 @@ class _ScaledGram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         features, scale = ctx.saved_tensors
-        product = (grad + grad.T) @ features
+        # A transposed copy then an in-place add reads memory in order; grad + grad.T does not.
+        product = grad.T.contiguous().add_(grad) @ features
         grad_scale = 0.5 * (features * product).sum() if ctx.needs_input_grad[1] else None
         return scale * product, grad_scale
 
