@@ -23,7 +23,8 @@ no exponential underflows, which the precision chosen per row guarantees:
 NOTE: the partial sums are sums of exponentials against one reference per row, not a strict
 log-space scan. They are exact because each row's precision is chosen so that no term underflows,
 and rows for which that cannot be guaranteed take the log-space scan. The forward pass keeps R for the
-K modelled columns (Q×K values) for the backward pass.
+K modelled columns (Q×K values) for the backward pass. Both passes work on blocks of rows small
+enough for their twenty-odd elementwise passes to stay in cache.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ LOG2E = 1.0 / math.log(2.0)
 _FLOAT32_RANGE = 70.0
 _FLOAT64_RANGE = 600.0
 _BLOCK = 32
+_BLOCK_ELEMENTS = 1 << 18
 
 
 def _cumsum(terms: Tensor) -> Tensor:
@@ -101,25 +103,45 @@ def _prefix_lse_rows(x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
     return _cumulative_lse_rows(x, top, mid_idx, wide_idx), mid_idx, wide_idx
 
 
+def _row_blocks(num_rows: int, num_cand: int) -> range:
+    # About 256K elements (1 MiB of float32) per block, so a block's many passes stay in cache.
+    return range(0, num_rows, max(1, _BLOCK_ELEMENTS // max(1, num_cand)))
+
+
 class _ListMLE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: Tensor, order: Tensor, num_positions: int) -> Tensor:  # type: ignore[override]
         with torch.autocast(scores.device.type, enabled=False):
             x = scores.detach().gather(1, order)  # [Q, N], last target position first
-            prefix, mid_idx, wide_idx = _prefix_lse_rows(x)
-            first = x.shape[1] - num_positions
-            nll = (prefix[:, first:] - x[:, first:]).sum(1, dtype=torch.float64)
+            num_rows, num_cand = x.shape
+            first = num_cand - num_positions
+            modelled = x.new_empty(num_rows, num_positions)
+            nll = x.new_empty(num_rows, dtype=torch.float64)
+            step = _row_blocks(num_rows, num_cand).step
+            for lo in range(0, num_rows, step):
+                rows = x[lo : lo + step]
+                prefix, _, _ = _prefix_lse_rows(rows)
+                modelled[lo : lo + step] = prefix[:, first:]
+                nll[lo : lo + step] = prefix[:, first:].sum(1, dtype=torch.float64) - rows[:, first:].sum(
+                    1, dtype=torch.float64
+                )
         # Only the modelled columns of R are kept for the backward pass (Q×K values).
-        ctx.save_for_backward(x, order, prefix[:, first:].contiguous(), mid_idx, wide_idx)
+        ctx.save_for_backward(x, order, modelled)
         return nll.to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad_nll: Tensor):  # type: ignore[override]
-        x, order, modelled, mid_idx, wide_idx = ctx.saved_tensors
+        x, order, modelled = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            grad_ranked = _listmle_backward(x, modelled, mid_idx, wide_idx, grad_nll)
-            # ``order`` is a permutation of every row, so the scatter writes each entry once.
-            return torch.empty_like(grad_ranked).scatter_(1, order, grad_ranked), None, None
+            grad = torch.empty_like(x)
+            step = _row_blocks(*x.shape).step
+            for lo in range(0, x.shape[0], step):
+                rows = x[lo : lo + step]
+                _, mid_idx, wide_idx = _row_paths(rows)
+                block = _listmle_backward(rows, modelled[lo : lo + step], mid_idx, wide_idx, grad_nll[lo : lo + step])
+                # ``order`` is a permutation of every row, so the scatter writes each entry once.
+                grad[lo : lo + step].scatter_(1, order[lo : lo + step], block)
+            return grad, None, None
 
 
 def _listmle_backward(
