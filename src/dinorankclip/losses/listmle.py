@@ -61,28 +61,31 @@ def _cumsum(terms: Tensor) -> Tensor:
     return blocks.add_(carry[:, :, None]).view(rows, -1)[:, :num]
 
 
-def _cumulative_lse(x: Tensor, ref: Tensor, exp_dtype: torch.dtype) -> Tensor:
-    """Return ref + log(cumsum(exp(x - ref))) along dim 1 in x's dtype, for rows where x ≤ ref.
+def _cumulative_lse(x: Tensor, ref: Tensor, exp_dtype: torch.dtype, sign: float) -> Tensor:
+    """Return log(cumsum(exp(sign·x))) along dim 1 in x's dtype, for rows where sign·(x - ref) ≤ 0.
 
-    The exponentials and sums are computed in ``exp_dtype``; see the module docstring for the row
-    ranges each precision covers.
+    It is computed as sign·ref + log(cumsum(exp(sign·(x - ref)))). The exponentials and sums are
+    computed in ``exp_dtype``; see the module docstring for the row ranges each precision covers.
     """
     if exp_dtype == torch.float64:
-        sums = torch.exp(x.double() - ref.double()).cumsum_(1)
-        return sums.log_().add_(ref.double()).to(x.dtype)
-    return _cumsum(torch.exp2((x - ref).mul_(LOG2E))).log_().add_(ref)
+        sums = torch.exp((x.double() - ref.double()).mul_(sign)).cumsum_(1)
+        return sums.log_().add_(sign * ref.double()).to(x.dtype)
+    exponent = torch.add(ref * (-sign * LOG2E), x, alpha=sign * LOG2E)  # sign·(x - ref)·log2 e, one pass
+    return _cumsum(exponent.exp2_()).log_().add_(sign * ref)
 
 
-def _cumulative_lse_rows(x: Tensor, ref: Tensor, mid_idx: Tensor | None, wide_idx: Tensor | None) -> Tensor:
-    """Return logcumsumexp(x) along dim 1, choosing the precision of each row by its path."""
+def _cumulative_lse_rows(
+    x: Tensor, ref: Tensor, mid_idx: Tensor | None, wide_idx: Tensor | None, sign: float = 1.0
+) -> Tensor:
+    """Return logcumsumexp(sign·x) along dim 1, choosing the precision of each row by its path."""
     if x.dtype == torch.float64:
-        out = _cumulative_lse(x, ref, torch.float64)
+        out = _cumulative_lse(x, ref, torch.float64, sign)
     else:
-        out = _cumulative_lse(x, ref, torch.float32)
+        out = _cumulative_lse(x, ref, torch.float32, sign)
         if mid_idx is not None:
-            out[mid_idx] = _cumulative_lse(x[mid_idx], ref[mid_idx], torch.float64)
+            out[mid_idx] = _cumulative_lse(x[mid_idx], ref[mid_idx], torch.float64, sign)
     if wide_idx is not None:
-        out[wide_idx] = torch.logcumsumexp(x[wide_idx], dim=1)
+        out[wide_idx] = torch.logcumsumexp(sign * x[wide_idx], dim=1)
     return out
 
 
@@ -151,11 +154,11 @@ def _listmle_backward(
     # log Σ_{c≥c'} exp(-R_c) over the modelled columns: -R falls along the row, so its first entry
     # bounds every term, and the sums run from the end of the row.
     ref = modelled[:, :1]
-    log_suffix = _cumulative_lse_rows(-modelled.flip(1), -ref, mid_idx, wide_idx).flip(1)
+    log_suffix = _cumulative_lse_rows(modelled.flip(1), ref, mid_idx, wide_idx, sign=-1.0).flip(1)
     if first > 0:
         log_suffix = torch.cat([log_suffix[:, :1].expand(-1, first), log_suffix], dim=1)
     # exp(x_c' + log_suffix_c') = Σ_c exp(x_c' - R_c) ≤ K, so it cannot overflow.
-    grad = torch.exp2(log_suffix.add_(x).mul_(LOG2E)) if x.dtype != torch.float64 else torch.exp(log_suffix.add_(x))
+    grad = log_suffix.add_(x).mul_(LOG2E).exp2_() if x.dtype != torch.float64 else log_suffix.add_(x).exp_()
     grad[:, first:] -= 1.0
     return grad.mul_(grad_nll.to(x.dtype)[:, None])
 
