@@ -4,7 +4,7 @@ Run from the repository root::
 
     PYTHONPATH=src python benchmarks/loss_bench.py [--sizes 256 1024 4096] [--dim 512] [--repeats 5]
 
-Times are the minimum over ``--repeats`` rounds; every round runs each loss once in turn, so the
+Times are the minimum over ``--repeats`` rounds. Every round runs each loss once in turn, so the
 ratios compare measurements taken side by side under the same machine load. Peak extra memory is
 the growth of the process's peak resident set size (VmHWM) during one forward+backward pass, run
 in a fresh subprocess per loss and size after one warm-up pass at N = 64, so it counts every

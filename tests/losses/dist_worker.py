@@ -2,7 +2,7 @@
 
 Each rank computes the Objective on its rows against all ranks' gathered features, backpropagates,
 and averages the parameter gradients over ranks as DistributedDataParallel does. Every rank also
-computes the single-process gradient on the whole global batch; rank 0 writes the largest
+computes the single-process gradient on the whole global batch. Rank 0 writes the largest
 difference per loss to the JSON file named on the command line.
 """
 

@@ -125,7 +125,7 @@ def test_alip_objective_logs_parts():
 
 
 @pytest.mark.parametrize("order", [1, 3])
-def test_default_rank_weight_keeps_ranking_below_clip_at_batch_128(order):
+def test_default_rank_weight_below_clip(order):
     # A tiny random model at batch 128: the ranking gradient at the default weight stays well below
     # CLIP's, so the ranking term cannot swamp it at the start of training.
     torch.manual_seed(0)
