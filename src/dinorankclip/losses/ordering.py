@@ -1,7 +1,7 @@
 """Target rankings: each row's candidates by descending score, ties broken by the lower index first.
 
-On CPU, float32 (and lower-precision) targets are ordered by numpy's sort of packed 64-bit keys,
-built with torch and sorted in row blocks on a small thread pool.
+On CPU, float32 (and lower-precision) targets are ordered by numpy's sort of packed 64-bit keys, in
+row ranges on a small thread pool.
 Each key has an order-preserving integer image of the value in its high 32 bits and the candidate
 index in its low 32 bits, so an ascending sort of the keys is exactly the descending, index-stable
 order. For a 1024×1024 float32 matrix on one core of the AMD EPYC development machine (numpy 2.4,
@@ -35,26 +35,26 @@ def check_top_k(top_k: int | None, num_candidates: int) -> int:
 _LOW32 = 0xFFFFFFFF
 
 
-def _packed_keys(values: Tensor, reverse: bool) -> np.ndarray:
+def _packed_keys(values: np.ndarray, reverse: bool) -> np.ndarray:
     """Return int64 keys whose ascending sort is the target order, or its reverse with ``reverse``.
 
     The high 32 bits are an order-preserving integer image of the float32 value, the low 32 bits
     the column index: descending values with ties by lower index first, or (``reverse``) ascending
     values with ties by higher index first, which is the same ranking read from its last position.
-    The keys are built with torch, which vectorises the integer operations better than numpy.
     """
-    bits = (values + 0.0).view(torch.int32)  # + 0.0 maps -0.0 to +0.0, so the two zeros tie
+    bits = (values + np.float32(0.0)).view(np.int32)  # + 0.0 maps -0.0 to +0.0, so the two zeros tie
     # Order-preserving map of IEEE floats to int32: flip the magnitude bits of negative numbers.
-    ascending = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    index = torch.arange(values.shape[1], dtype=torch.int64)
-    keys = (ascending if reverse else ~ascending).to(torch.int64)
+    ascending = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+    index = np.arange(values.shape[1], dtype=np.int64)
+    keys = (ascending if reverse else ~ascending).astype(np.int64)
     keys <<= 32
     keys |= (_LOW32 - index) if reverse else index
-    return keys.numpy()
+    return keys
 
 
-def _sort_keys(keys: np.ndarray, num_positions: int, reverse: bool, out: np.ndarray) -> None:
-    """Write the ordering encoded by ``keys`` into ``out``: [rows, K] best first, or [rows, N]."""
+def _order_rows(values: np.ndarray, num_positions: int, reverse: bool, out: np.ndarray) -> None:
+    """Write the ordering of ``values``' rows into ``out``: [rows, K] best first, or [rows, N]."""
+    keys = _packed_keys(values, reverse)
     num_candidates = keys.shape[1]
     if num_positions < num_candidates:
         # After a partition the K best keys are at one end, unsorted; the others keep any order.
@@ -69,29 +69,33 @@ def _sort_keys(keys: np.ndarray, num_positions: int, reverse: bool, out: np.ndar
         np.subtract(_LOW32, out, out=out)
 
 
+def _order_row_range(values: np.ndarray, num_positions: int, reverse: bool, out: np.ndarray) -> None:
+    # Blocks of rows bound the int64 key buffers to about 8 MiB each.
+    step = max(1, (1 << 20) // max(1, values.shape[1]))
+    for lo in range(0, values.shape[0], step):
+        _order_rows(values[lo : lo + step], num_positions, reverse, out[lo : lo + step])
+
+
 def _cpu_order(target: Tensor, num_positions: int, columns: int, reverse: bool) -> Tensor:
     global _EXECUTOR, _EXECUTOR_WORKERS
-    values = target.detach().float().contiguous()
-    num_rows, num_cand = values.shape
+    values = target.detach().float().contiguous().numpy()
+    num_rows = values.shape[0]
     out = np.empty((num_rows, columns), dtype=np.int64)
-    # Row blocks bound the int64 key buffers to about 8 MiB each and give every thread a block.
-    threads = torch.get_num_threads()
-    step = max(64, min((1 << 20) // max(1, num_cand), -(-num_rows // threads)))
-    workers = max(1, min(threads, -(-num_rows // step)))
-    if workers > 1 and (_EXECUTOR is None or _EXECUTOR_WORKERS < workers):
+    workers = max(1, min(torch.get_num_threads(), num_rows // 64))
+    if workers == 1:
+        _order_row_range(values, num_positions, reverse, out)
+        return torch.from_numpy(out)
+    # Each worker builds and sorts the keys of its own row range: numpy releases the GIL in these
+    # operations. numpy rather than torch builds the keys, because torch's OpenMP threads keep
+    # spinning for a few milliseconds after an operation and would compete with the sorts.
+    if _EXECUTOR is None or _EXECUTOR_WORKERS < workers:
         _EXECUTOR = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dinorankclip-sort")
         _EXECUTOR_WORKERS = workers
-    jobs = []
-    for lo in range(0, num_rows, step):
-        keys = _packed_keys(values[lo : lo + step], reverse)
-        if workers == 1:
-            _sort_keys(keys, num_positions, reverse, out[lo : lo + step])
-            continue
-        # numpy releases the GIL inside sort and partition, so blocks sort while the next block's
-        # keys are built. At most one block per worker waits, which bounds the key memory.
-        jobs.append(_EXECUTOR.submit(_sort_keys, keys, num_positions, reverse, out[lo : lo + step]))
-        if len(jobs) > workers:
-            jobs.pop(0).result()
+    bounds = np.linspace(0, num_rows, workers + 1).astype(int)
+    jobs = [
+        _EXECUTOR.submit(_order_row_range, values[lo:hi], num_positions, reverse, out[lo:hi])
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
     for job in jobs:
         job.result()
     return torch.from_numpy(out)
