@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .contrastive import pair_logits
-from .ordering import check_top_k, descending_order
+from .ordering import check_top_k, descending_orders
 from .plackett_luce import plackett_luce_nll
 from .transition import MAX_ORDER, TransitionHeads
 from .transition_kernel import transition_nll_chunked
@@ -145,14 +145,19 @@ class RankingLoss(nn.Module):
             (in_img, in_txt, img_cols),
             (in_txt, in_img, txt_cols),
         )
+        # The four targets are ordered together, which keeps the CPU sorting threads busy at once.
+        first_order = self.transition is None
+        orders = descending_orders([target for _, target, _ in lists], self.top_k, reverse=first_order)
         factors: dict[int, tuple[Tensor, Tensor]] = {}  # lag factors per candidate set (images, texts)
-        losses = [self._list_loss(scores, target, cand, factors) for scores, target, cand in lists]
+        losses = [
+            self._list_loss(scores, order, cand, factors)
+            for (scores, _, cand), order in zip(lists, orders, strict=True)
+        ]
         return 0.5 * (losses[0] + losses[1]), 0.5 * (losses[2] + losses[3])
 
-    def _list_loss(self, scores: Tensor, target_scores: Tensor, candidates: Tensor, factors: dict) -> Tensor:
+    def _list_loss(self, scores: Tensor, order: Tensor, candidates: Tensor, factors: dict) -> Tensor:
         num_pos = check_top_k(self.top_k, scores.shape[1])
         if self.transition is None:
-            order = descending_order(target_scores, self.top_k, reverse=True)
             nll = plackett_luce_nll(scores, order, num_pos, reverse=True)
         else:
             if id(candidates) not in factors:
@@ -160,7 +165,6 @@ class RankingLoss(nn.Module):
                     candidates.detach() if self.detach else candidates
                 )
             queries, keys = factors[id(candidates)]
-            order = descending_order(target_scores, self.top_k)
             nll = transition_nll_chunked(scores, order, queries, keys)
         return nll.mean() / num_pos
 
