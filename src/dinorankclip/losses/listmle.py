@@ -118,13 +118,18 @@ class _ListMLE(torch.autograd.Function):
             x = scores.detach().gather(1, order)  # [Q, N], last target position first
             num_rows, num_cand = x.shape
             first = num_cand - num_positions
-            modelled = x.new_empty(num_rows, num_positions)
-            nll = x.new_empty(num_rows, dtype=torch.float64)
             step = _row_blocks(num_rows, num_cand).step
+            # With one block and K = N, R itself is kept; otherwise only its K modelled columns.
+            single = step >= num_rows and first == 0
+            modelled = None if single else x.new_empty(num_rows, num_positions)
+            nll = x.new_empty(num_rows, dtype=torch.float64)
             for lo in range(0, num_rows, step):
                 rows = x[lo : lo + step]
                 prefix, _, _ = _prefix_lse_rows(rows)
-                modelled[lo : lo + step] = prefix[:, first:]
+                if single:
+                    modelled = prefix
+                else:
+                    modelled[lo : lo + step] = prefix[:, first:]
                 nll[lo : lo + step] = prefix[:, first:].sum(1, dtype=torch.float64) - rows[:, first:].sum(
                     1, dtype=torch.float64
                 )
@@ -159,7 +164,7 @@ def _listmle_backward(
         log_suffix = torch.cat([log_suffix[:, :1].expand(-1, first), log_suffix], dim=1)
     # exp(x_c' + log_suffix_c') = Σ_c exp(x_c' - R_c) ≤ K, so it cannot overflow.
     grad = log_suffix.add_(x).mul_(LOG2E).exp2_() if x.dtype != torch.float64 else log_suffix.add_(x).exp_()
-    grad[:, first:] -= 1.0
+    grad[:, first:].sub_(1.0)  # in place on the view; ``grad[...] -= 1`` would copy the view back
     return grad.mul_(grad_nll.to(x.dtype)[:, None])
 
 
