@@ -10,17 +10,19 @@ from dinorankclip.losses import AlipLoss, check_alip_columns, clip_loss, cyclic_
 
 @pytest.mark.parametrize("num", [1, 7, 64])
 @pytest.mark.parametrize("scale", [1.0, 14.3, 100.0])
-def test_clip_loss_matches_open_clip(num, scale):
-    img, txt = unit_features(num, 32, seed=num)
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-12, 1e-13), (torch.float32, 1e-5, 2e-6)])
+def test_clip_loss_matches_open_clip(num, scale, dtype, rtol, atol):
+    img, txt = unit_features(num, 32, seed=num, dtype=dtype)
     img.requires_grad_(True)
     txt.requires_grad_(True)
-    ours = clip_loss(img, txt, torch.tensor(scale))
+    logit_scale = torch.tensor(scale, dtype=dtype)
+    ours = clip_loss(img, txt, logit_scale)
     ours_grad = torch.autograd.grad(ours, (img, txt))
-    ref = ClipLoss()(img, txt, torch.tensor(scale))
+    ref = ClipLoss()(img, txt, logit_scale)
     ref_grad = torch.autograd.grad(ref, (img, txt))
-    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours, ref, rtol=rtol, atol=atol)
     for got, want in zip(ours_grad, ref_grad, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
 def test_clip_loss_rejects_mismatched_shapes():

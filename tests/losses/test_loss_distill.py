@@ -1,4 +1,4 @@
-"""Distillation terms and the gate penalty: known answers and loop references."""
+"""Distillation terms and the gate penalty: known values and loop references."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from dinorankclip.losses import gate_l1, gram_loss, relational_loss, text_align_loss
 
 
-def test_gram_loss_zero_for_identical_tokens_and_positive_otherwise():
+def test_gram_loss_zero_only_for_same_tokens():
     tokens = torch.randn(2, 5, 8)
     assert gram_loss([tokens], [tokens.clone()]).item() == pytest.approx(0.0, abs=1e-7)
     assert gram_loss([tokens], [torch.randn(2, 5, 8)]).item() > 0.01
@@ -58,7 +58,7 @@ def test_relational_loss_matches_loop():
     assert relational_loss(student, teacher).item() == pytest.approx(want.item() / 20, rel=1e-6)
 
 
-def test_relational_loss_zero_when_equal_and_finite_for_duplicates():
+def test_relational_loss_equal_and_duplicate_features():
     feats = torch.randn(4, 6)
     feats[1] = feats[0]
     feats.requires_grad_(True)

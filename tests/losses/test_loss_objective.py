@@ -122,3 +122,25 @@ def test_alip_objective_logs_parts():
     result = Objective(loss_cfg(name="alip"), 16)(out, None, progress=0.0)
     torch.testing.assert_close(result["loss"].detach(), result["alip_image_text"] + result["alip_image_caption"])
     assert "clip" not in result
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_default_rank_weight_below_clip(order):
+    # A tiny random model at batch 128: the ranking gradient at the default weight stays well below
+    # CLIP's, so the ranking term cannot swamp it at the start of training.
+    torch.manual_seed(0)
+    inputs = torch.randn(128, 32), torch.randn(128, 32)
+    towers = torch.nn.Linear(32, 64), torch.nn.Linear(32, 64)
+    params = [p for tower in towers for p in tower.parameters()]
+    img, txt = (torch.nn.functional.normalize(tower(x), dim=1) for tower, x in zip(towers, inputs, strict=True))
+    objective = Objective(loss_cfg(name="dinorankclip", order=order, top_k=32), 64)
+    for scale in objective.ranking.transition.scale if objective.ranking.transition is not None else ():
+        torch.nn.init.constant_(scale, 0.5)
+    scale = torch.tensor(1 / 0.07)
+    clip_grad = torch.autograd.grad(clip_loss(img, txt, scale), params, retain_graph=True)
+    rank = LOSS_DEFAULTS["rank_weight"] * objective.ranking(img, txt, scale)
+    rank_grad = torch.autograd.grad(rank, params)
+    clip_norm = torch.sqrt(sum(g.square().sum() for g in clip_grad))
+    rank_norm = torch.sqrt(sum(g.square().sum() for g in rank_grad))
+    assert rank_norm > 0.01 * clip_norm  # the ranking term does contribute
+    assert rank_norm < 0.25 * clip_norm

@@ -124,3 +124,31 @@ def test_top_k_equal_to_n_matches_no_truncation(order):
 def test_invalid_order_rejected(order):
     with pytest.raises(ValueError, match="order"):
         RankingLoss(order, 8)
+
+
+def _grads_with_detach(detach: bool, scale_value: float):
+    img, txt = unit_features(10, 8, seed=11, dtype=torch.float64)
+    img.requires_grad_(True)
+    txt.requires_grad_(True)
+    torch.manual_seed(0)
+    loss = RankingLoss(3, 8, 5, heads=2, head_dim=4, detach=detach).double()
+    set_scales(loss, {2: scale_value, 3: scale_value})
+    value = loss(img, txt, torch.tensor(12.0, dtype=torch.float64))
+    grads = torch.autograd.grad(value, [img, txt, *loss.parameters()])
+    return value, grads[:2], grads[2:]
+
+
+def test_detach_stops_only_the_transition_input_gradient():
+    value, feature_grads, head_grads = _grads_with_detach(False, 0.8)
+    value_d, feature_grads_d, head_grads_d = _grads_with_detach(True, 0.8)
+    torch.testing.assert_close(value_d, value, rtol=0, atol=0)
+    for got, want in zip(head_grads_d, head_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert (feature_grads_d[0] - feature_grads[0]).abs().max() > 1e-6
+
+
+def test_detach_changes_nothing_at_zero_scales():
+    _, feature_grads, _ = _grads_with_detach(False, 0.0)
+    _, feature_grads_d, _ = _grads_with_detach(True, 0.0)
+    for got, want in zip(feature_grads_d, feature_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

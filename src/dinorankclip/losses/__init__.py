@@ -3,11 +3,20 @@
 Every loss takes tensors, never batches. See each module's docstring for its normalisation.
 """
 
-from .contrastive import AlipLoss, check_alip_columns, clip_loss, cyclic_terms, cyclip_loss
+from .contrastive import (
+    AlipLoss,
+    check_alip_columns,
+    clip_loss,
+    cyclic_terms,
+    cyclip_loss,
+    infonce,
+    pair_logits,
+)
 from .distill import gate_l1, gram_loss, relational_loss, text_align_loss
 from .distributed import FeatureGather, all_gather_with_grad
 from .objective import DEFAULT_ORDER, LOSS_DEFAULTS, LOSS_NAMES, Objective
-from .plackett_luce import descending_order, plackett_luce_loss, plackett_luce_nll
+from .ordering import descending_order
+from .plackett_luce import plackett_luce_loss, plackett_luce_nll
 from .ranking import RankingLoss, rank_weight_at
 from .transition import TransitionHeads, transition_nll
 
@@ -28,6 +37,8 @@ __all__ = [
     "descending_order",
     "gate_l1",
     "gram_loss",
+    "infonce",
+    "pair_logits",
     "plackett_luce_loss",
     "plackett_luce_nll",
     "rank_weight_at",

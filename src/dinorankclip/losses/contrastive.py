@@ -6,9 +6,9 @@ text features v, logit scale s (already exponentiated). C = s·U Vᵀ has image 
 Distributed form: every function takes this rank's rows (``image_features``, ``text_features``) and,
 optionally, the all-gathered features of every rank (``all_image_features``, ``all_text_features``)
 together with ``row_offset``, the global index of this rank's first row. Each loss is a mean over the
-local rows of a per-row quantity, so when every rank holds the same number of rows, averaging the
-per-rank losses (which is what DistributedDataParallel does with gradients) gives the loss and the
-gradient of the whole global batch.
+local rows of a per-row quantity. So when every rank has the same number of rows, the mean of the
+per-rank losses is the loss of the whole global batch, and DistributedDataParallel's averaged
+gradient is its gradient.
 
 Normalisation:
 
@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AlipLoss", "check_alip_columns", "clip_loss", "cyclic_terms", "cyclip_loss"]
+__all__ = [
+    "AlipLoss",
+    "check_alip_columns",
+    "clip_loss",
+    "cyclic_terms",
+    "cyclip_loss",
+    "infonce",
+    "pair_logits",
+]
 
 
 def _columns(
@@ -45,12 +53,76 @@ def _columns(
     return all_image_features, all_text_features
 
 
+def _upcast(tensor: Tensor) -> Tensor:
+    """Return ``tensor`` as float32, or unchanged when it is float64."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def _check_pair(image_features: Tensor, text_features: Tensor) -> None:
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
         raise ValueError(
             "image_features and text_features must both be [B, E] with the same shape, got "
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
+
+
+def pair_logits(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor | float,
+    *,
+    all_image_features: Tensor | None = None,
+    all_text_features: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Return (logits_per_image, logits_per_text), each [B, N]: this rank's rows of C and of Cᵀ.
+
+    In a single process logits_per_text is the transpose view of logits_per_image, so the
+    similarity matrix is computed once.
+    """
+    _check_pair(image_features, text_features)
+    if all_image_features is None and all_text_features is None:
+        logits_per_image = logit_scale * image_features @ text_features.T
+        return logits_per_image, logits_per_image.T
+    img_cols, txt_cols = _columns(image_features, text_features, all_image_features, all_text_features)
+    return logit_scale * image_features @ txt_cols.T, logit_scale * text_features @ img_cols.T
+
+
+class _RowCrossEntropy(torch.autograd.Function):
+    """Mean over rows of logsumexp(row) - row[target], with a one-buffer backward (softmax - one-hot).
+
+    ``F.cross_entropy`` keeps a B×N log-softmax for its backward pass, and autograd of the indexed
+    form allocates a B×N buffer for the index as well. This function keeps only the logits, which
+    callers keep anyway, and the B row log-normalisers.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
+        lse = torch.logsumexp(logits, dim=1)
+        picked = logits.gather(1, targets[:, None])[:, 0]
+        ctx.save_for_backward(logits, targets, lse)
+        return (lse - picked).mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        logits, targets, lse = ctx.saved_tensors
+        weight = grad / logits.shape[0]
+        grad_logits = torch.exp(logits - lse[:, None]).mul_(weight)
+        grad_logits.scatter_add_(1, targets[:, None], (-weight).expand(logits.shape[0], 1).to(logits.dtype))
+        return grad_logits, None
+
+
+def infonce(logits_per_image: Tensor, logits_per_text: Tensor, row_offset: int = 0) -> Tensor:
+    """Compute ½[CE(logits_per_image) + CE(logits_per_text)] with target column row_offset + i for row i.
+
+    Args:
+        logits_per_image: [B, N] image rows over all texts.
+        logits_per_text: [B, N] text rows over all images.
+        row_offset: global index of this rank's first row.
+    """
+    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device) + row_offset
+    image_ce = _RowCrossEntropy.apply(_upcast(logits_per_image), targets)
+    text_ce = _RowCrossEntropy.apply(_upcast(logits_per_text), targets)
+    return 0.5 * (image_ce + text_ce)
 
 
 def clip_loss(
@@ -82,15 +154,14 @@ def clip_loss(
     Returns:
         Scalar loss, float32 (float64 when the features are float64).
     """
-    _check_pair(image_features, text_features)
-    img_cols, txt_cols = _columns(image_features, text_features, all_image_features, all_text_features)
-    logits_per_image = logit_scale * image_features @ txt_cols.T  # [B, N]
-    logits_per_text = logit_scale * text_features @ img_cols.T  # [B, N]
-    labels = torch.arange(image_features.shape[0], device=image_features.device) + row_offset
-    dtype = torch.float64 if logits_per_image.dtype == torch.float64 else torch.float32
-    return 0.5 * (
-        F.cross_entropy(logits_per_image.to(dtype), labels) + F.cross_entropy(logits_per_text.to(dtype), labels)
+    logits = pair_logits(
+        image_features,
+        text_features,
+        logit_scale,
+        all_image_features=all_image_features,
+        all_text_features=all_text_features,
     )
+    return infonce(*logits, row_offset)
 
 
 def cyclic_terms(
@@ -118,7 +189,7 @@ def cyclic_terms(
     """
     _check_pair(image_features, text_features)
     img_cols, txt_cols = _columns(image_features, text_features, all_image_features, all_text_features)
-    img = image_features.float() if image_features.dtype != torch.float64 else image_features
+    img = _upcast(image_features)
     txt = text_features.to(img.dtype)
     img_cols, txt_cols = img_cols.to(img.dtype), txt_cols.to(img.dtype)
     in_modal = (img @ img_cols.T - txt @ txt_cols.T).square().sum(1).mean()
@@ -168,13 +239,13 @@ def check_alip_columns(columns: Sequence[str], column_name: str | None) -> None:
     if not column_name:
         raise ValueError(
             "loss.name='alip' needs a second caption per image, but data.second_caption_column is not set; "
-            "set it to the name of the column that holds the second (synthetic) captions"
+            "set it to the name of the column that contains the second (synthetic) captions"
         )
     if column_name not in columns:
         raise ValueError(
             f"loss.name='alip' needs a second caption per image in column {column_name!r} "
             f"(data.second_caption_column), but the training data has only the columns {list(columns)}; "
-            "add that column to the data or set data.second_caption_column to the column that holds them"
+            "add that column to the data or set data.second_caption_column to the column that contains them"
         )
 
 
@@ -215,11 +286,12 @@ class AlipLoss(nn.Module):
         if self.training:
             for name, sim in sims.items():
                 buf = getattr(self, name)
-                buf.mul_(self.ema).add_((1.0 - self.ema) * sim.float().mean())
-        sample = torch.exp(sims["mean_text_caption"].float() - self.mean_text_caption).square().clamp(max=1.0)
+                buf.mul_(self.ema).add_((1.0 - self.ema) * _upcast(sim).mean())
+        sample = torch.exp(_upcast(sims["mean_text_caption"]) - self.mean_text_caption).square().clamp(max=1.0)
         full = sample >= 1.0
-        pair_text = torch.exp(sims["mean_image_text"].float() - self.mean_image_text).square().masked_fill(full, 1.0)
-        pair_cap = torch.exp(sims["mean_image_caption"].float() - self.mean_image_caption).square()
+        pair_text = torch.exp(_upcast(sims["mean_image_text"]) - self.mean_image_text).square()
+        pair_text = pair_text.masked_fill(full, 1.0)
+        pair_cap = torch.exp(_upcast(sims["mean_image_caption"]) - self.mean_image_caption).square()
         pair_cap = pair_cap.masked_fill(full, 1.0)
         return sample[rows], pair_text[rows], pair_cap[rows]
 
@@ -259,8 +331,10 @@ class AlipLoss(nn.Module):
         labels = torch.arange(image_features.shape[0], device=image_features.device) + row_offset
 
         def weighted_infonce(texts_rows: Tensor, text_cols: Tensor, weight: Tensor) -> Tensor:
-            per_image = F.cross_entropy((logit_scale * image_features @ text_cols.T).float(), labels, reduction="none")
-            per_text = F.cross_entropy((logit_scale * texts_rows @ img_cols.T).float(), labels, reduction="none")
+            logits_image = _upcast(logit_scale * image_features @ text_cols.T)
+            logits_text = _upcast(logit_scale * texts_rows @ img_cols.T)
+            per_image = F.cross_entropy(logits_image, labels, reduction="none")
+            per_text = F.cross_entropy(logits_text, labels, reduction="none")
             return (0.5 * (per_image + per_text) * sample * weight).mean()
 
         image_text = weighted_infonce(text_features, txt_cols, pair_text)

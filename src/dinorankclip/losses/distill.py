@@ -23,16 +23,21 @@ from torch import Tensor
 __all__ = ["gate_l1", "gram_loss", "relational_loss", "text_align_loss"]
 
 
+def _upcast(tensor: Tensor) -> Tensor:
+    """Return ``tensor`` as float32, or unchanged when it is float64."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def _token_gram(tokens: Tensor) -> Tensor:
-    tokens = F.normalize(tokens.float(), dim=-1)
+    tokens = F.normalize(_upcast(tokens), dim=-1)
     return tokens @ tokens.transpose(1, 2)  # [B, P, P]
 
 
 def gram_loss(student_levels: Sequence[Tensor], teacher_levels: Sequence[Tensor]) -> Tensor:
     """Compute the Gram-matrix distillation loss between student and teacher patch tokens.
 
-    For every level, both token sets are L2-normalised per token and their P×P cosine-similarity
-    matrices are compared by mean squared error; the result is averaged over levels.
+    For every level, both token sets are L2-normalised per token, and their P×P cosine-similarity
+    matrices are compared by mean squared error. The result is averaged over levels.
 
     Args:
         student_levels: S tensors [B, P, Dt], student patch tokens projected to the teacher width.
@@ -58,8 +63,8 @@ def gram_loss(student_levels: Sequence[Tensor], teacher_levels: Sequence[Tensor]
 
 
 def _pair_distances(rows: Tensor, cols: Tensor) -> Tensor:
-    rows = F.normalize(rows.float(), dim=-1)
-    cols = F.normalize(cols.float(), dim=-1)
+    rows = F.normalize(_upcast(rows), dim=-1)
+    cols = F.normalize(_upcast(cols), dim=-1).to(rows.dtype)
     # Clamping keeps the square root's gradient finite for identical features.
     return (2.0 - 2.0 * rows @ cols.T).clamp_min(1e-8).sqrt()
 
@@ -76,7 +81,7 @@ def relational_loss(
     """Compute the relational distance loss between student and teacher global features.
 
     Pairwise distances of L2-normalised features across the batch are compared with a Huber loss
-    (threshold ``delta``); the pairs (i, i) are excluded.
+    (threshold ``delta``). The pairs (i, i) are excluded.
 
     Args:
         student_global: [B, Dt] student global features (this rank's rows).
@@ -98,7 +103,7 @@ def relational_loss(
     teacher_cols = teacher_global if all_teacher_global is None else all_teacher_global
     num_rows, num_cols = student_global.shape[0], student_cols.shape[0]
     if num_cols < 2:
-        return student_global.new_zeros((), dtype=torch.float32) * student_global.sum()
+        return 0.0 * _upcast(student_global).sum()
     dist_student = _pair_distances(student_global, student_cols)  # [B, N]
     with torch.no_grad():
         dist_teacher = _pair_distances(teacher_global, teacher_cols)
@@ -123,7 +128,7 @@ def text_align_loss(text_student: Tensor, teacher_global: Tensor) -> Tensor:
             f"text_student {tuple(text_student.shape)} and teacher_global {tuple(teacher_global.shape)} "
             "must have the same shape [B, Dt]"
         )
-    cos = F.cosine_similarity(text_student.float(), teacher_global.detach().float(), dim=-1)
+    cos = F.cosine_similarity(_upcast(text_student), _upcast(teacher_global.detach()), dim=-1)
     return (1.0 - cos).mean()
 
 
@@ -132,4 +137,4 @@ def gate_l1(*gates: Tensor | None) -> Tensor | None:
     present = [g for g in gates if g is not None]
     if not present:
         return None
-    return torch.stack([g.float().abs().mean() for g in present]).sum()
+    return torch.stack([_upcast(g).abs().mean() for g in present]).sum()

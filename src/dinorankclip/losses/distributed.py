@@ -12,7 +12,7 @@ __all__ = ["FeatureGather", "all_gather_with_grad"]
 
 
 class _AllGather(torch.autograd.Function):
-    """Concatenate every rank's tensor along dim 0; the backward pass sums gradients over ranks.
+    """Concatenate every rank's tensor along dim 0, with a backward pass that sums over ranks.
 
     Rank r's input receives Σ_ranks d(loss_rank)/d(gathered[r]), which is the gradient of the sum of
     the per-rank losses. gloo has no reduce-scatter, so the backward pass all-reduces the whole
@@ -72,5 +72,5 @@ class FeatureGather:
         return all_gather_with_grad(tensor, self.group)
 
     def row_offset(self, local_rows: int) -> int:
-        """Return the global index of this rank's first row when every rank holds ``local_rows``."""
+        """Return the global index of this rank's first row when every rank has ``local_rows`` rows."""
         return self.rank * local_rows

@@ -18,62 +18,54 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .listmle import listmle_nll
+from .ordering import check_top_k, descending_order
+
 __all__ = ["descending_order", "plackett_luce_loss", "plackett_luce_nll"]
-
-
-def _check_top_k(top_k: int | None, num_candidates: int) -> int:
-    """Return the number of modelled positions K for a ``top_k`` setting."""
-    if top_k is None:
-        return num_candidates
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    return min(top_k, num_candidates)
-
-
-def descending_order(target_scores: Tensor, top_k: int | None = None) -> Tensor:
-    """Return the target ranking of each row: candidate indices by descending score, ties by index.
-
-    Args:
-        target_scores: [Q, N] scores that define the order (no gradient is taken).
-        top_k: keep only the first K positions of each ranking (None keeps all N).
-
-    Returns:
-        [Q, K] int64 candidate indices, best first.
-    """
-    if target_scores.ndim != 2:
-        raise ValueError(f"target_scores must be [Q, N], got shape {tuple(target_scores.shape)}")
-    k = _check_top_k(top_k, target_scores.shape[1])
-    order = torch.sort(target_scores.detach(), dim=1, descending=True, stable=True).indices
-    return order[:, :k]
 
 
 def _loss_dtype(scores: Tensor) -> torch.dtype:
     return torch.float64 if scores.dtype == torch.float64 else torch.float32
 
 
-def plackett_luce_nll(scores: Tensor, order: Tensor) -> Tensor:
+def reversed_complete_order(order: Tensor, num_candidates: int) -> Tensor:
+    """Return [Q, N]: each row's unranked candidates (in index order), then its K ranked ones, last first."""
+    ranked = order.flip(1)
+    if order.shape[1] == num_candidates:
+        return ranked
+    rest = torch.ones(order.shape[0], num_candidates, dtype=torch.bool, device=order.device)
+    rest.scatter_(1, order, False)
+    rest_idx = rest.nonzero()[:, 1].view(order.shape[0], -1)
+    return torch.cat([rest_idx, ranked], dim=1)
+
+
+def plackett_luce_nll(
+    scores: Tensor, order: Tensor, num_positions: int | None = None, *, reverse: bool = False
+) -> Tensor:
     """Compute the first-order Plackett-Luce negative log-likelihood of each row's ranking.
 
     Args:
         scores: [Q, N] candidate scores (the model's utilities).
-        order: [Q, K] target ranking from ``descending_order``; K ≤ N positions are modelled.
+        order: [Q, K] target ranking from ``descending_order``, best first; or, with ``reverse``,
+            [Q, N] from ``descending_order(..., reverse=True)``, last position first.
+        num_positions: number of modelled positions (default: K, or N with ``reverse``).
+        reverse: ``order`` is complete and given last position first.
 
     Returns:
-        [Q] per-row negative log-likelihood summed over the K positions, float32 (float64 for float64
-        scores).
+        [Q] per-row NLL summed over the modelled positions, float32 (float64 for float64 scores).
     """
-    if scores.ndim != 2 or order.ndim != 2 or order.shape[0] != scores.shape[0]:
-        raise ValueError(f"scores must be [Q, N] and order [Q, K], got {tuple(scores.shape)} and {tuple(order.shape)}")
-    num_positions = order.shape[1]
-    x = scores.to(_loss_dtype(scores))
-    if num_positions < x.shape[1]:
-        # Candidates outside the top K go after the ranked ones, in any order: they only enter denominators.
-        rest = torch.ones_like(x, dtype=torch.bool).scatter_(1, order, False)
-        rest_idx = rest.nonzero()[:, 1].view(x.shape[0], -1)
-        order = torch.cat([order, rest_idx], dim=1)
-    ranked = x.gather(1, order)  # [Q, N], target order
-    suffix_lse = torch.logcumsumexp(ranked.flip(1), dim=1).flip(1)
-    return (suffix_lse - ranked)[:, :num_positions].sum(1)
+    if scores.ndim != 2 or order.ndim != 2 or order.shape[0] != scores.shape[0] or order.shape[1] > scores.shape[1]:
+        raise ValueError(
+            f"scores must be [Q, N] and order [Q, K] with K <= N, got {tuple(scores.shape)} and {tuple(order.shape)}"
+        )
+    if reverse and order.shape[1] != scores.shape[1]:
+        raise ValueError(f"a reversed order must be complete [Q, N], got {tuple(order.shape)}")
+    limit = order.shape[1]
+    num_positions = limit if num_positions is None else num_positions
+    if not 1 <= num_positions <= limit:
+        raise ValueError(f"num_positions must be in 1..{limit}, got {num_positions}")
+    full = order if reverse else reversed_complete_order(order, scores.shape[1])
+    return listmle_nll(scores.to(_loss_dtype(scores)), full, num_positions)
 
 
 def plackett_luce_loss(scores: Tensor, target_scores: Tensor, top_k: int | None = None) -> Tensor:
@@ -99,4 +91,6 @@ def plackett_luce_loss(scores: Tensor, target_scores: Tensor, top_k: int | None 
             f"scores and target_scores must have the same shape, got {tuple(scores.shape)} and "
             f"{tuple(target_scores.shape)}"
         )
-    return plackett_luce_nll(scores, descending_order(target_scores, top_k)).mean()
+    num_positions = check_top_k(top_k, scores.shape[1])
+    order = descending_order(target_scores, top_k, reverse=True)
+    return plackett_luce_nll(scores, order, num_positions, reverse=True).mean()

@@ -18,12 +18,44 @@ returns L_cross + L_in.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from .plackett_luce import _check_top_k, descending_order, plackett_luce_nll
-from .transition import MAX_ORDER, TransitionHeads, transition_nll
+from .contrastive import pair_logits
+from .ordering import check_top_k, descending_orders
+from .plackett_luce import plackett_luce_nll
+from .transition import MAX_ORDER, TransitionHeads
+from .transition_kernel import transition_nll_chunked
 
 __all__ = ["RankingLoss", "rank_weight_at"]
+
+
+class _ScaledGram(torch.autograd.Function):
+    """s·F Fᵀ with a one-matmul backward: ∂F = s·(∂A + ∂Aᵀ) F and ∂s = ½ Σ F ⊙ ((∂A + ∂Aᵀ) F).
+
+    Autograd's matmul backward would run two matmuls, one per operand, although both are F.
+    """
+
+    @staticmethod
+    def forward(ctx, features: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(features, scale)
+        return scale * (features @ features.T)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        features, scale = ctx.saved_tensors
+        # A transposed copy then an in-place add reads memory in order; grad + grad.T does not.
+        product = grad.T.contiguous().add_(grad) @ features
+        grad_scale = 0.5 * (features * product).sum() if ctx.needs_input_grad[1] else None
+        return scale * product, grad_scale
+
+
+def _in_modal_scores(rows: Tensor, cols: Tensor | None, logit_scale: Tensor | float) -> Tensor:
+    """Return s·rows @ colsᵀ ([B, N]); cols None means cols = rows (a single process)."""
+    if cols is not None or torch.is_autocast_enabled(rows.device.type):
+        return logit_scale * rows @ (rows if cols is None else cols).T
+    scale = torch.as_tensor(logit_scale, dtype=rows.dtype, device=rows.device)
+    return _ScaledGram.apply(rows, scale)
 
 
 def rank_weight_at(progress: float, rank_weight: float, warmup_fraction: float) -> float:
@@ -62,7 +94,7 @@ class RankingLoss(nn.Module):
         super().__init__()
         if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
             raise ValueError(f"order must be an int in 0..{MAX_ORDER}, got {order!r}")
-        _check_top_k(top_k, 1)
+        check_top_k(top_k, 1)
         self.order = order
         self.top_k = top_k
         self.detach = detach
@@ -76,6 +108,7 @@ class RankingLoss(nn.Module):
         *,
         all_image_features: Tensor | None = None,
         all_text_features: Tensor | None = None,
+        logits: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Return (L_cross, L_in), each the mean of its two lists' per-position NLL.
 
@@ -85,18 +118,26 @@ class RankingLoss(nn.Module):
             logit_scale: scalar, already exponentiated.
             all_image_features: [N, E] all ranks' image features (None in a single process).
             all_text_features: [N, E] all ranks' text features (None in a single process).
+            logits: (logits_per_image, logits_per_text) from ``pair_logits`` for the same inputs,
+                to share them with the contrastive loss; computed here when None.
         """
         if (all_image_features is None) != (all_text_features is None):
             raise ValueError("all_image_features and all_text_features must be given together or not at all")
         img_cols = image_features if all_image_features is None else all_image_features
         txt_cols = text_features if all_text_features is None else all_text_features
         if self.order == 0:
-            zero = image_features.new_zeros(()).float()
+            zero = image_features.new_zeros((), dtype=torch.promote_types(image_features.dtype, torch.float32))
             return zero, zero
-        cross_img = logit_scale * image_features @ txt_cols.T  # [B, N]: image rows over texts
-        cross_txt = logit_scale * text_features @ img_cols.T  # [B, N]: text rows over images
-        in_img = logit_scale * image_features @ img_cols.T  # [B, N]
-        in_txt = logit_scale * text_features @ txt_cols.T  # [B, N]
+        if logits is None:
+            gathered = {"all_image_features": all_image_features, "all_text_features": all_text_features}
+            logits = pair_logits(image_features, text_features, logit_scale, **gathered)
+        cross_img = logits[0]  # [B, N]: image rows over texts
+        cross_txt = logits[1]  # [B, N]: text rows over images (a transposed view in a single process)
+        if self.transition is None:
+            # ListMLE gathers whole rows in a random order, which is slow across a transposed view.
+            cross_txt = cross_txt.contiguous()
+        in_img = _in_modal_scores(image_features, all_image_features, logit_scale)  # [B, N]
+        in_txt = _in_modal_scores(text_features, all_text_features, logit_scale)  # [B, N]
         # (scores, target scores, candidate embeddings)
         lists = (
             (cross_img, cross_txt, txt_cols),
@@ -104,18 +145,27 @@ class RankingLoss(nn.Module):
             (in_img, in_txt, img_cols),
             (in_txt, in_img, txt_cols),
         )
-        losses = [self._list_loss(scores, target, cand) for scores, target, cand in lists]
+        # The four targets are ordered together, which keeps the CPU sorting threads busy at once.
+        first_order = self.transition is None
+        orders = descending_orders([target for _, target, _ in lists], self.top_k, reverse=first_order)
+        factors: dict[int, tuple[Tensor, Tensor]] = {}  # lag factors per candidate set (images, texts)
+        losses = [
+            self._list_loss(scores, order, cand, factors)
+            for (scores, _, cand), order in zip(lists, orders, strict=True)
+        ]
         return 0.5 * (losses[0] + losses[1]), 0.5 * (losses[2] + losses[3])
 
-    def _list_loss(self, scores: Tensor, target_scores: Tensor, candidates: Tensor) -> Tensor:
-        order = descending_order(target_scores, self.top_k)
-        num_pos = order.shape[1]
+    def _list_loss(self, scores: Tensor, order: Tensor, candidates: Tensor, factors: dict) -> Tensor:
+        num_pos = check_top_k(self.top_k, scores.shape[1])
         if self.transition is None:
-            nll = plackett_luce_nll(scores, order)
+            nll = plackett_luce_nll(scores, order, num_pos, reverse=True)
         else:
-            cand = candidates.detach() if self.detach else candidates
-            queries, keys = self.transition.lag_factors(cand)
-            nll = transition_nll(scores, order, queries, keys)
+            if id(candidates) not in factors:
+                factors[id(candidates)] = self.transition.lag_factors(
+                    candidates.detach() if self.detach else candidates
+                )
+            queries, keys = factors[id(candidates)]
+            nll = transition_nll_chunked(scores, order, queries, keys)
         return nll.mean() / num_pos
 
     def forward(
@@ -126,6 +176,7 @@ class RankingLoss(nn.Module):
         *,
         all_image_features: Tensor | None = None,
         all_text_features: Tensor | None = None,
+        logits: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Return L_cross + L_in (see ``list_losses``)."""
         cross, inmodal = self.list_losses(
@@ -134,5 +185,6 @@ class RankingLoss(nn.Module):
             logit_scale,
             all_image_features=all_image_features,
             all_text_features=all_text_features,
+            logits=logits,
         )
         return cross + inmodal
