@@ -35,6 +35,26 @@ def test_order_defaults_per_method():
     assert load_config(None, ["loss.name=dinorankclip"]).loss.order == 3
 
 
+@pytest.mark.parametrize(("name", "order"), [("clip", 0), ("cyclip", 0), ("alip", 0), ("rankclip", 1)])
+def test_baseline_name_replaces_file_order(name, order):
+    cfg = load_config("tiny-cpu", [f"loss.name={name}"])  # the preset sets loss.order: 3
+    assert cfg.loss.order == order
+
+
+def test_dinorankclip_keeps_file_order(tmp_path):
+    path = tmp_path / "order2.yaml"
+    path.write_text("loss:\n  name: clip\n  order: 0\n")
+    assert load_config(path, ["loss.name=dinorankclip"]).loss.order == 0
+    assert load_config("tiny-cpu", ["loss.name=dinorankclip"]).loss.order == 3
+
+
+def test_file_order_conflict_still_raises(tmp_path):
+    path = tmp_path / "conflict.yaml"
+    path.write_text("loss:\n  name: rankclip\n  order: 3\n")
+    with pytest.raises(ConfigError, match="loss.name=dinorankclip to choose the order"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [

@@ -9,6 +9,7 @@ naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,8 +35,12 @@ __all__ = [
 ]
 
 LOSS_NAMES = ("clip", "cyclip", "alip", "rankclip", "dinorankclip")
+# Ranking order fixed by each baseline; dinorankclip takes any order 0..4 and defaults to 3.
+FIXED_ORDER = {"clip": 0, "cyclip": 0, "alip": 0, "rankclip": 1}
 FUSION_VARIANTS = ("full", "no_pyramid", "no_channel_spatial", "image_only", "no_refiner", "no_gate", "none")
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -172,7 +177,7 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _check_choice("loss.name", self.name, LOSS_NAMES)
-        fixed = {"clip": 0, "cyclip": 0, "alip": 0, "rankclip": 1}
+        fixed = FIXED_ORDER
         if self.order is None:
             self.order = fixed.get(self.name, 3)
         if not 0 <= self.order <= 4:
@@ -536,12 +541,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {file} is not valid YAML: {err}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {file} must contain a mapping at the top level")
+    keys = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is malformed; write it as key=value, e.g. loss.order=3")
         key, raw = item.split("=", 1)
+        keys.add(key.strip())
         _set_dotted(tree, key.strip(), raw.strip())
+    _drop_file_order(tree, keys)
     return _build(Config, tree, "")
+
+
+def _drop_file_order(tree: dict[str, Any], override_keys: set[str]) -> None:
+    """Let ``loss.name=clip`` on the command line replace a file's DinoRankCLIP order.
+
+    The baselines fix their order (CLIP, CyCLIP and ALIP 0, RankCLIP 1). When an override picks one of
+    them and no override sets ``loss.order``, the order from the file is dropped, so the method's own
+    order applies instead of a mismatch error.
+    """
+    loss = tree.get("loss")
+    if "loss.name" not in override_keys or "loss.order" in override_keys or not isinstance(loss, dict):
+        return
+    if loss.get("name") in FIXED_ORDER and loss.get("order") is not None:
+        log.info("loss.name=%s fixes the ranking order; ignoring loss.order=%s from the config file",
+                 loss["name"], loss["order"])
+        loss["order"] = None
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -84,7 +84,8 @@ def add_parser(sub) -> None:
                     "JSON records (dataset, model, pretrained, task, metrics).")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder or model.safetensors file")
     p.add_argument("--tasks", default=",".join(TASK_CHOICES), metavar="LIST",
-                   help=f"comma-separated tasks to run among those given data (default: all of {', '.join(TASK_CHOICES)})")
+                   help="comma-separated tasks to run among those given data "
+                        f"(default: all of {', '.join(TASK_CHOICES)})")
     add_dataset_arguments(p)
     p.add_argument("--split", default="test", metavar="SPLIT",
                    help="split read from zero-shot dataset folders and CSVs with a split column (default test)")

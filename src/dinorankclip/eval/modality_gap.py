@@ -16,8 +16,8 @@ separate scalar ``teacher_space_gap``. Without fusion (``fusion.variant=none``) 
 CLIP nodes, and with the ``image_only`` variant ``fused_text`` equals ``clip_text``.
 
 Every set is L2-normalised. The gap between nodes a and b is the centroid difference c_a − c_b with
-c = mean of the set's unit vectors; the result contains the 4×4 matrix of its norms ||c_a − c_b||. The 2-D plot projects the union of the four sets on its first two
-principal components.
+c = mean of the set's unit vectors; the result contains the 4×4 matrix of its norms ||c_a − c_b||.
+The 2-D plot projects the union of the four sets on its first two principal components.
 """
 
 from __future__ import annotations

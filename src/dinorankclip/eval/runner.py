@@ -82,8 +82,9 @@ def run_zeroshot(encoder: Encoder, name: str, source: str | Path, *, transform, 
     """Zero-shot classification on a labels CSV or a dataset folder (see :func:`~.datasets.open_labelled`)."""
     labelled = open_labelled(name, source, split=split, transform=transform)
     names_file = Path(source).parent / "classnames.txt" if Path(source).is_file() else None
-    prompts = resolve_prompts(labelled.name, classnames=labelled.classnames, classnames_source=labelled.classnames_source,
-                              classnames_file=names_file, templates_file=templates_file, prompts_json=prompts_json,
+    prompts = resolve_prompts(labelled.name, classnames=labelled.classnames,
+                              classnames_source=labelled.classnames_source, classnames_file=names_file,
+                              templates_file=templates_file, prompts_json=prompts_json,
                               dataset_templates_file=labelled.templates_file)
     workers = 0 if isinstance(labelled.dataset, torch.utils.data.IterableDataset) else num_workers
     loader = build_eval_loader(labelled.dataset, batch_size=batch_size, num_workers=workers)

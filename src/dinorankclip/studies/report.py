@@ -120,7 +120,8 @@ def _retrieval_table(rows: list[dict[str, Any]]) -> list[str]:
     body = []
     for r in with_retrieval:
         m = r["metrics"]["retrieval"]
-        body.append([r["label"]] + [_fmt(m["image_to_text"][k]) for k in ks] + [_fmt(m["text_to_image"][k]) for k in ks])
+        row = [_fmt(m["image_to_text"][k]) for k in ks] + [_fmt(m["text_to_image"][k]) for k in ks]
+        body.append([r["label"]] + row)
     chance = with_retrieval[0]["metrics"]["retrieval"]["chance"]
     body.append(["chance"] + [_fmt(chance["image_to_text"][k]) for k in ks]
                 + [_fmt(chance["text_to_image"][k]) for k in ks])
@@ -151,7 +152,8 @@ def _gap_table(rows: list[dict[str, Any]], out: Path) -> list[str]:
         link = f"[PCA]({_relative(plot, out)})" if plot else ""
         body.append([r["label"]] + [_fmt(gap["gaps"][p]) for p in pairs] + [_fmt(gap["teacher_space_gap"]), link])
     header = ["run"] + [p.replace("|", " – ") for p in pairs] + ["teacher space", "plot"]
-    note = (f"Centroid gap norms ||c_a − c_b|| between the four embedding sets on {with_gap[0]['metrics']['gap']['num_pairs']} "
+    num_pairs = with_gap[0]["metrics"]["gap"]["num_pairs"]
+    note = (f"Centroid gap norms ||c_a − c_b|| between the four embedding sets on {num_pairs} "
             "held-out pairs (one caption per image; every set L2-normalised; all four in the CLIP space). "
             "`teacher space` is the gap between the student image branch's global feature and the text branch's "
             "projection, both in the teacher space (– without a student).")
@@ -211,7 +213,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
 
     lines = [f"# {_TITLES[study]}", ""]
     lines += ["## Setup", ""]
-    lines.append(f"- Preset `{summary['preset']}` (config `{settings.get('config')}`): trunk `{settings.get('trunk')}`, "
+    lines.append(f"- Preset `{summary['preset']}` (config `{settings.get('config')}`): "
+                 f"trunk `{settings.get('trunk')}`, "
                  f"{settings.get('steps')} steps of batch {settings.get('batch_size')} per run, seed "
                  f"{settings.get('seed')}, the same data and steps for every run (matched compute).")
     lines.append(f"- Training data: `{settings.get('data')}`.")

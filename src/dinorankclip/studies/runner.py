@@ -179,10 +179,10 @@ def run_study(study: str, *, out: str | Path, preset: str = "tiny-cpu", steps: i
     Returns:
         The content of ``results/study.json``.
     """
+    import os
+
     from ..train.checkpoint import write_json
     from ..train.distributed import resolve_device
-
-    import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("a study runs in one process; to train its runs on several GPUs, launch the commands "
