@@ -81,7 +81,8 @@ def test_dinorankclip_adds_distillation_terms():
     teacher = teacher_output()
     cfg = loss_cfg(name="dinorankclip", gram_weight=2.0, relational_weight=0.0, gate_l1_weight=0.5)
     result = Objective(cfg, 16)(out, teacher, progress=1.0)
-    expected_keys = {"loss", "clip", "rank_cross", "rank_in", "rank_weight", "gram", "relational", "text_align"}
+    expected_keys = {"loss", "clip", "rank_cross", "rank_in", "rank_weight", "gram", "relational", "text_align",
+                     "transition_scale_2", "transition_scale_3"}
     assert expected_keys | {"gate_l1"} == set(result)
     torch.testing.assert_close(result["gram"], gram_loss(out["student_patch_levels"], teacher.patch_levels))
     want = (
@@ -144,3 +145,15 @@ def test_default_rank_weight_below_clip(order):
     rank_norm = torch.sqrt(sum(g.square().sum() for g in rank_grad))
     assert rank_norm > 0.01 * clip_norm  # the ranking term does contribute
     assert rank_norm < 0.25 * clip_norm
+
+
+def test_transition_scales_logged_per_order():
+    objective = Objective(loss_cfg(order=4), 16)
+    result = objective(model_outputs(), None, progress=1.0)
+    assert {"transition_scale_2", "transition_scale_3", "transition_scale_4"} <= set(result)
+    assert float(result["transition_scale_3"]) == 0.0
+    with torch.no_grad():
+        objective.ranking.transition.scale[1].fill_(-0.5)
+    result = objective(model_outputs(), None, progress=1.0)
+    assert float(result["transition_scale_3"]) == pytest.approx(0.5)
+    assert float(result["transition_scale_2"]) == 0.0

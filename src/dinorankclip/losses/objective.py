@@ -34,6 +34,7 @@ Output keys: ``loss`` is the total, with gradient. The other keys are detached, 
 - ``alip``, ``alip_image_text``, ``alip_image_caption``, ``alip_sample_weight``,
   ``alip_pair_weight_text``, ``alip_pair_weight_caption`` (ALIP);
 - ``rank_cross``, ``rank_in``, ``rank_weight`` (order ≥ 1);
+- ``transition_scale_r`` for r = 2..R, the mean |α_r| over heads, which starts at 0 (order ≥ 2);
 - ``gram``, ``relational``, ``text_align``, ``gate_l1`` (when their inputs are present).
 
 ALIP reads the second caption's embeddings from the model output ``second_text_features``
@@ -174,6 +175,9 @@ class Objective(nn.Module):
             terms["rank_cross"], terms["rank_in"] = rank_cross, rank_in
             terms["rank_weight"] = torch.tensor(weight)
             total = total + weight * (rank_cross + rank_in)
+            if self.ranking.transition is not None:
+                for order, scale in enumerate(self.ranking.transition.scale, start=2):
+                    terms[f"transition_scale_{order}"] = scale.abs().mean()
 
         total = total + self._distill_terms(outputs, teacher, terms, dist)
         result = {key: value.detach() for key, value in terms.items()}
