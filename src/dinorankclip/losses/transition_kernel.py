@@ -113,13 +113,18 @@ def _chunk_rows(num_pos: int, num_cand: int, num_rows: int) -> int:
     return max(1, min(num_rows, CHUNK_ELEMENTS // max(1, num_pos * num_cand)))
 
 
+def _lags_base2(order: Tensor, queries: Tensor, keys: Tensor, num_cand: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Return the placed items, their lag matrices times log2 e ([L, U + 1, N]) and the lag row indices."""
+    items, compact = _placed_items(order, num_cand)
+    lag2 = _lag_matrices(queries * LOG2E, keys, items)
+    return items, lag2, _lag_indices(order, queries.shape[0], compact, items.numel())
+
+
 def _forward(scores: Tensor, order: Tensor, queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
     num_rows, num_cand = scores.shape
     num_pos = order.shape[1]
-    items, compact = _placed_items(order, num_cand)
-    lag2 = _lag_matrices(queries * LOG2E, keys, items)
+    _, lag2, lag_idx = _lags_base2(order, queries, keys, num_cand)
     lag2_flat = lag2.view(-1, num_cand)
-    lag_idx = _lag_indices(order, queries.shape[0], compact, items.numel())
     step = _chunk_rows(num_pos, num_cand, num_rows)
     chunk = _Chunk(step, num_pos, num_cand, scores)
     lse2 = scores.new_empty(num_rows, num_pos)
@@ -140,10 +145,8 @@ def _backward(
 ) -> tuple[Tensor, None, Tensor, Tensor]:
     num_rows, num_cand = scores.shape
     num_pos = order.shape[1]
-    items, compact = _placed_items(order, num_cand)
-    lag2 = _lag_matrices(queries * LOG2E, keys, items)
+    items, lag2, lag_idx = _lags_base2(order, queries, keys, num_cand)
     lag2_flat = lag2.view(-1, num_cand)
-    lag_idx = _lag_indices(order, queries.shape[0], compact, items.numel())
 
     grad_lag = torch.zeros_like(lag2)
     grad_lag_flat = grad_lag.view(-1, num_cand)
