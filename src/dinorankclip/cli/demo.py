@@ -11,30 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..config import EvalConfig, load_config
+from ..eval.bundled import ZEROSHOT_SETS, sample_data_root
 
-__all__ = ["ZEROSHOT_SETS", "run_demo", "sample_data_root"]
+__all__ = ["run_demo"]
 
 logger = logging.getLogger(__name__)
-
-# Bundled zero-shot sets: dataset name -> labels table inside sample_data.
-ZEROSHOT_SETS = {
-    "cifar10": "cifar10/test.csv",
-    "gtsrb": "gtsrb/labels.csv",
-    "flowers102": "flowers102/labels.csv",
-    "dtd": "dtd/labels.csv",
-    "cub200": "cub200/labels.csv",
-}
-
-
-def sample_data_root() -> Path:
-    """Folder of the real-data subset shipped inside the package."""
-    return Path(str(resources.files("dinorankclip") / "sample_data"))
-
 
 def _format_table(results: dict[str, Any]) -> str:
     rows = [("task", "metric", "value", "chance")]
