@@ -21,6 +21,7 @@ __all__ = ["run_demo"]
 
 logger = logging.getLogger(__name__)
 
+
 def _format_table(results: dict[str, Any]) -> str:
     rows = [("task", "metric", "value", "chance")]
     retrieval = results["retrieval"]
