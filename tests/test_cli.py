@@ -128,3 +128,41 @@ def test_teacher_gets_no_gradient_and_stays_fixed(pairs_csv, tiny_overrides, tmp
         assert torch.equal(value, before[key]), key
     assert not teacher.teacher.training
     assert not torch.equal(model.student_image.proj[0].weight, student_before)  # the student did learn
+
+
+def test_train_refuses_existing_run_folder(trained_run, pairs_csv, tiny_overrides, capsys):
+    model = (trained_run / "model.safetensors").read_bytes()
+    metrics = (trained_run / "metrics.jsonl").read_text()
+    code = main(["train", "--config", "tiny-cpu", "--out", str(trained_run), *tiny_overrides,
+                 f"data.train={pairs_csv}", "train.lr=0.5"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err
+    assert "train.overwrite=true" in err
+    assert (trained_run / "model.safetensors").read_bytes() == model
+    assert (trained_run / "metrics.jsonl").read_text() == metrics
+    assert load_config(trained_run / "config.yaml").train.lr != 0.5
+
+
+def test_train_overwrite_starts_afresh(tmp_path, trained_run, pairs_csv, tiny_overrides):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    code = main(["train", "--config", "tiny-cpu", "--out", str(run), *tiny_overrides, f"data.train={pairs_csv}",
+                 "train.overwrite=true"])
+    assert code == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_run_files_share_one_mode(trained_run):
+    expected = (trained_run / "config.yaml").stat().st_mode & 0o777
+    for name in ("model.safetensors", "training_state.json", "metrics.jsonl"):
+        assert (trained_run / name).stat().st_mode & 0o777 == expected, name
+
+
+def test_eval_on_non_safetensors_file(tmp_path, capsys):
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(b"not a safetensors header")
+    assert main(["eval", "--checkpoint", str(bogus), "--bundled-eval"]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err

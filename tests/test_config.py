@@ -66,6 +66,7 @@ def test_file_order_conflict_still_raises(tmp_path):
         ("train.batch_size=0", "train.batch_size=0"),
         ("loss.name=rankclip loss.order=3", None),
         ("train.precision=fp8", "bf16"),
+        ("teacher.blocks=[1,2", "teacher.blocks=[1,2 is not valid YAML"),
     ],
 )
 def test_bad_override_names_key(override, fragment):

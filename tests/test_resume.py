@@ -157,7 +157,8 @@ def _tmp_step(path: Path) -> int:
     return int(path.name.split("-")[2])  # .tmp-step-NNNNNNNN-PID
 
 
-def test_sigterm_writes_resumable_checkpoint(tmp_path, tiny_overrides, data_sources, reference_runs):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_stop_signal_writes_resumable_checkpoint(tmp_path, tiny_overrides, data_sources, reference_runs, signum):
     overrides = _overrides(tiny_overrides, data_sources, "csv-w0")
     reference = reference_runs("csv-w0", overrides)
     process = _launch(tmp_path, overrides + ["train.checkpoint_every=0"])
@@ -165,7 +166,7 @@ def test_sigterm_writes_resumable_checkpoint(tmp_path, tiny_overrides, data_sour
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
             break
         time.sleep(0.05)
     stdout, stderr = process.communicate(timeout=300)
@@ -181,6 +182,34 @@ def test_sigterm_writes_resumable_checkpoint(tmp_path, tiny_overrides, data_sour
 
 def _checkpoint_step(path: Path) -> int:
     return int(path.name.split("-")[1])  # step-NNNNNNNN
+
+
+def test_damaged_latest_falls_back_to_earlier(tmp_path, tiny_overrides, data_sources, reference_runs, caplog):
+    overrides = _overrides(tiny_overrides, data_sources, "csv-w0")
+    reference = reference_runs("csv-w0", overrides)
+    shutil.copytree(reference, tmp_path / "run")
+    newest = find_latest(tmp_path / "run")
+    assert newest is not None and _checkpoint_step(newest) == 10
+    (newest / "trainer.pt").write_bytes((newest / "trainer.pt").read_bytes()[:1000])
+    (tmp_path / "run" / "model.safetensors").unlink()
+
+    with pytest.raises(RuntimeError, match=r"step-00000010.*could not be loaded.*--resume .*step-00000005"):
+        _train_in(tmp_path, overrides + [f"train.resume={newest}"])
+    with caplog.at_level(logging.WARNING, logger="dinorankclip.train.trainer"):
+        summary = _train_in(tmp_path, overrides + ["train.resume=latest"])
+    assert "resuming from the earlier" in caplog.text
+    assert summary["steps"] == 10
+    _same_weights(tmp_path / "run" / "model.safetensors", reference / "model.safetensors")
+
+
+def test_resume_warns_on_changed_config(tmp_path, tiny_overrides, data_sources, reference_runs, caplog):
+    overrides = _overrides(tiny_overrides, data_sources, "csv-w0")
+    shutil.copytree(reference_runs("csv-w0", overrides), tmp_path / "run")
+    checkpoint = str(tmp_path / "run" / "checkpoints" / "step-00000005")
+    with caplog.at_level(logging.WARNING, logger="dinorankclip.train.trainer"):
+        _train_in(tmp_path, overrides + [f"train.resume={checkpoint}", "train.lr=0.002"])
+    assert "changed config" in caplog.text
+    assert "train.lr: 0.0005 -> 0.002" in caplog.text
 
 
 def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):

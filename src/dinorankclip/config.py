@@ -274,6 +274,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per step; the contrastive batch stays train.batch_size
     compile: bool = False  # torch.compile the model
     resume: str | None = None  # "latest" (newest checkpoint of output_dir, if any) or a checkpoint folder
+    overwrite: bool = False  # start afresh in an output_dir that holds an earlier run, deleting its results
     keep_checkpoints: int = 2  # resumable checkpoints kept in output_dir/checkpoints; 0 keeps all
 
     def __post_init__(self) -> None:
@@ -491,7 +492,14 @@ def _set_dotted(tree: dict[str, Any], key: str, raw: str) -> None:
                 f"{', '.join(sorted(hints))}"
             )
         if depth == len(parts) - 1:
-            node[part] = yaml.safe_load(raw) if raw.strip() else ""
+            try:
+                node[part] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as err:
+                problem = getattr(err, "problem", None) or "invalid YAML"
+                raise ConfigError(
+                    f"override {key}={raw} is not valid YAML ({problem}); quote strings and close brackets, "
+                    f"e.g. {key}=[1, 2]"
+                ) from None
             if isinstance(node[part], str) or node[part] is None:
                 node[part] = raw if raw.lower() not in ("null", "~") else None
             return

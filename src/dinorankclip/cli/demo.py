@@ -57,6 +57,7 @@ def run_demo(*, minutes: float, out: Path, config: str = "tiny-cpu", overrides: 
         f"data.train={data / 'flickr8k' / 'train.csv'}",
         f"train.output_dir={out / 'run'}",
         f"train.time_budget_minutes={minutes}",
+        "train.overwrite=true",  # running the demo again replaces its earlier run
     ]
     if teacher_weights:
         base.append(f"teacher.weights={teacher_weights}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import ConfigError
 from .common import OVERRIDE_HELP
 
 NAME = "demo"
@@ -27,6 +28,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .demo import run_demo
 
+    if not args.minutes > 0:
+        raise ConfigError(f"--minutes {args.minutes} is invalid; give a training time budget above 0, e.g. --minutes 8")
     run_demo(minutes=args.minutes, out=Path(args.out), config=args.config, overrides=list(args.overrides),
              teacher_weights=args.teacher_weights)
     return 0

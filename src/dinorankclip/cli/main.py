@@ -11,6 +11,9 @@ import logging
 import os
 import sys
 
+import yaml
+from safetensors import SafetensorError
+
 from ..config import ConfigError
 from . import config_cmd, data_cmd, demo_cmd, eval_cmd, export_cmd, study_cmd, teacher_cache_cmd, train_cmd
 
@@ -59,12 +62,29 @@ def main(argv: list[str] | None = None) -> int:
     commands = {command.NAME: command.run for command in COMMANDS}
     try:
         return commands[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except KeyboardInterrupt:
         if args.traceback:
             raise
-        print(f"dinorankclip {args.command}: error: {err}\n(add --traceback before the command for details)",
-              file=sys.stderr)
+        print(f"dinorankclip {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, SafetensorError, yaml.YAMLError) as err:
+        if args.traceback:
+            raise
+        print(f"dinorankclip {args.command}: error: {_message(err)}\n"
+              "(add --traceback before the command for details)", file=sys.stderr)
         return 2
+
+
+def _message(err: Exception) -> str:
+    """Return the error's message; for an error raised in a DataLoader worker, the worker's own message."""
+    text = str(err)
+    if text.startswith("Caught ") and " in DataLoader worker process " in text:
+        # torch wraps it as "Caught X in DataLoader worker process N.\nOriginal Traceback ...\nX: message".
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    if isinstance(err, SafetensorError):
+        return f"not a readable safetensors file ({err}); give a run folder or its model.safetensors"
+    return text
 
 
 if __name__ == "__main__":

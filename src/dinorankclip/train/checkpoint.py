@@ -42,6 +42,16 @@ __all__ = [
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it, so it is put back at once
+    os.umask(mask)
+    return mask
+
+
+# Read once at import, because setting the umask briefly to 0 is not safe while other threads create files.
+_UMASK = _read_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` and move the result to ``path`` in one rename.
 
@@ -55,6 +65,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        # mkstemp creates the file readable by its owner only; give it the mode a plain open() would.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -36,6 +36,7 @@ from .checkpoint import clean_state_dict, save_model, write_json
 __all__ = [
     "CHECKPOINT_FILES",
     "capture_rng",
+    "earlier_checkpoint",
     "find_latest",
     "load_checkpoint",
     "resolve_resume",
@@ -89,6 +90,16 @@ def find_latest(run_dir: str | Path) -> Path | None:
         return None
     complete = [path for path in root.iterdir() if _complete(path)]
     return max(complete, key=_step_of) if complete else None
+
+
+def earlier_checkpoint(path: str | Path) -> Path | None:
+    """Return the newest complete checkpoint of the same run that is older than ``path``, or None."""
+    path = Path(path)
+    step = _step_of(path)
+    if step is None or not path.parent.is_dir():
+        return None
+    older = [p for p in path.parent.iterdir() if _complete(p) and (_step_of(p) or 0) < step]
+    return max(older, key=lambda p: _step_of(p) or 0) if older else None
 
 
 def resolve_resume(spec: str | None, run_dir: str | Path) -> Path | None:

@@ -2,8 +2,8 @@
 
 One process or a ``torchrun``/SLURM job of many, where only rank 0 logs metrics and writes files. The
 forward and backward passes (autocast, DDP, gradient accumulation) live in ``step.py``, the checkpoint
-format in ``resume.py``. SIGTERM and SIGUSR1 (preemption notices of SLURM and most clusters) make every
-process finish the current step, write a resumable checkpoint and return cleanly.
+format in ``resume.py``. SIGTERM and SIGUSR1 (preemption notices of SLURM and most clusters) and a first
+SIGINT (Ctrl-C) make every process finish the current step, write a resumable checkpoint and return cleanly.
 ``train.resume=latest`` continues from it.
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
@@ -31,11 +34,11 @@ from ..data.transforms import PairedViews
 from ..losses import Objective
 from ..models.dinorankclip import build_model
 from ..models.trunk import build_tokenizer
-from .checkpoint import atomic_write, save_model, write_json
+from .checkpoint import atomic_write, read_model_metadata, save_model, write_json
 from .distributed import DistributedContext, init_distributed
 from .metrics import MetricsWriter
 from .optim import build_optimizer, lr_factor
-from .resume import capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
+from .resume import capture_rng, earlier_checkpoint, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
 from .step import StepRunner, TrainForward
 from .teacher_source import build_teacher_source
 
@@ -43,7 +46,8 @@ __all__ = ["BadDataError", "NonFiniteLossError", "seed_everything", "train"]
 
 logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+# SIGINT is Ctrl-C in a terminal: the first one stops like a preemption notice, a second one interrupts at once.
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,21 +108,95 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
 
 
+# Files and folders of a run folder that a fresh run would overwrite or mix with its own.
+RUN_OUTPUTS = ("model.safetensors", "objective.safetensors", "training_state.json", "metrics.jsonl", "checkpoints",
+               "tensorboard")
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, resume_from: Path | None, is_main: bool) -> None:
+    """Check that a fresh run does not overwrite an earlier one in ``run_dir``; clear it with train.overwrite.
+
+    Raises:
+        ConfigError: ``run_dir`` holds an earlier run and neither a resume nor train.overwrite is set.
+    """
+    if resume_from is not None:
+        return
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if cfg.train.resume == "latest" and "model.safetensors" not in found:
+        # No checkpoint yet: ``latest`` starts the run, and records of an attempt killed before its first
+        # checkpoint are dropped.
+        found = []
+        if is_main:
+            _truncate_metrics(run_dir, 0)
+    if not found:
+        return
+    if not cfg.train.overwrite:
+        raise ConfigError(
+            f"train.output_dir={str(run_dir)!r} already holds a run ({', '.join(found)}); continue it with "
+            "--resume latest, choose another --out, or set train.overwrite=true to delete its results and start afresh"
+        )
+    if is_main:
+        logger.warning("train.overwrite=true: deleting %s in %s", ", ".join(found), run_dir)
+        for name in found:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+# Errors of reading a damaged checkpoint: torch.load, safetensors, JSON and missing entries.
+_LOAD_ERRORS = (RuntimeError, ValueError, OSError, EOFError, KeyError, SafetensorError, pickle.UnpicklingError)
+
+# Keys that may change between a run and its resumption without changing what is trained.
+_RESUME_FREE_KEYS = ("train.resume", "train.output_dir", "train.device", "train.time_budget_minutes",
+                     "train.overwrite", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.tensorboard", "data.num_workers")
+
+
+def _warn_changed_config(path: Path, cfg: Config) -> None:
+    """Log the config keys whose values differ from those the checkpoint ``path`` was written with."""
+    try:
+        saved, _ = read_model_metadata(path / "model.safetensors")
+    except (RuntimeError, ValueError, OSError, KeyError, SafetensorError):
+        return  # an unreadable checkpoint is reported when it is loaded
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and key not in ("model_kwargs", "zeroshot"):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    before, now = flat(saved.to_dict()), flat(cfg.to_dict())
+    changed = [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
+               if before.get(key) != now.get(key) and key not in _RESUME_FREE_KEYS]
+    if changed:
+        logger.warning("Resuming %s with a changed config (%s); config.yaml now records the new values",
+                       path, "; ".join(changed))
+
+
 class _StopSignal:
-    """Records SIGTERM/SIGUSR1; installed before the data workers start, so they inherit the handler too
-    (a forked worker then ignores the signal instead of dying before the checkpoint is written)."""
+    """Records SIGTERM, SIGUSR1 and a first SIGINT; installed before the data workers start, so they inherit
+    the handler too (a forked worker then ignores the signal instead of dying before the checkpoint is written)."""
 
     def __init__(self) -> None:
         self.received = False
         self.previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received:
+            raise KeyboardInterrupt
         self.received = True
-        logger.warning("Received %s: saving a checkpoint after the current step", signal.Signals(signum).name)
+        hint = "; press Ctrl-C again to stop at once without it" if signum == signal.SIGINT else ""
+        logger.warning("Received %s: saving a checkpoint after the current step%s", signal.Signals(signum).name,
+                       hint)
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
-            logger.info("Not on the main thread: SIGTERM and SIGUSR1 keep their handlers")
+            logger.info("Not on the main thread: SIGTERM, SIGUSR1 and SIGINT keep their handlers")
             return
         self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
 
@@ -161,6 +239,7 @@ class _Run:
         # The saved config describes the run, not how this process was started.
         self.saved_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=None))
         self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
+        _prepare_run_dir(cfg, self.run_dir, self.resume_from, ctx.is_main)
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.saved_cfg.save(self.run_dir / "config.yaml")
@@ -180,13 +259,13 @@ class _Run:
         self.step = 0
         self.total_steps = cfg.train.steps
         self.elapsed_before = 0.0
-        self.first_step_seconds = 0.0
+        self.budget_clock: list[float] = []  # seconds since the start of this process's run, after each step
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.counters = DataCounters(cfg.data.max_bad_fraction)
         data_state, rng_state = None, None
         if self.resume_from is not None:
-            data_state, rng_state = self._load(self.resume_from)
+            data_state, rng_state = self._load_resumable()
 
         forward: torch.nn.Module = TrainForward(self.model)
         if ctx.enabled:
@@ -227,6 +306,27 @@ class _Run:
         logger.info("Model: %.2fM trainable parameters; data: %s (%s samples per epoch)", num_params / 1e6,
                     cfg.data.train, self.data.num_samples or "unknown")
 
+    def _load_resumable(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Load ``self.resume_from``; with train.resume=latest, fall back to earlier checkpoints that load.
+
+        Raises:
+            RuntimeError: the checkpoint cannot be read (and, for ``latest``, no earlier one can either).
+        """
+        path = self.resume_from
+        _warn_changed_config(path, self.saved_cfg)
+        while True:
+            try:
+                return self._load(path)
+            except _LOAD_ERRORS as err:
+                earlier = earlier_checkpoint(path)
+                if self.cfg.train.resume != "latest" or earlier is None:
+                    hint = (f"resume from the earlier checkpoint with --resume {earlier}" if earlier is not None
+                            else "no earlier checkpoint is left")
+                    raise RuntimeError(f"checkpoint {path} could not be loaded: {err}; {hint}") from err
+                logger.warning("Checkpoint %s could not be loaded (%s); resuming from the earlier %s instead",
+                               path, err, earlier)
+                path = self.resume_from = earlier
+
     def _load(self, path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         state, rng_states = load_checkpoint(path, model=self.model, objective=self.objective,
                                             optimizer=self.optimizer, scaler=self.scaler)
@@ -258,9 +358,11 @@ class _Run:
         """Fit the schedule to ``train.time_budget_minutes``; end it at this step once the budget is spent.
 
         The budget covers the whole run, earlier runs of a resumed one included. The step time is measured
-        after 8, 16, 32, ... steps of this process, without the first step (which includes worker
-        start-up), and the schedule is only ever shortened, so the cosine decay still reaches its end.
-        Times are averaged over processes, so every process takes the same decision.
+        after 8, 16, 32, ... steps of this process as the mean duration of its steps after the first
+        (which includes worker start-up), leaving out steps slower than 3 times the median, so that a few
+        stalled steps do not shorten the run. The schedule
+        is only ever shortened, so the cosine decay still reaches its end, and the run stops at the budget
+        in any case. Times are averaged over processes, so every process takes the same decision.
         """
         budget = self.cfg.train.time_budget_minutes
         if budget is None:
@@ -272,10 +374,10 @@ class _Run:
             logger.info("Time budget of %.1f min spent after %d steps; stopping", budget, self.step)
             self.total_steps = self.step
             return
-        if steps_this_run == 1:
-            self.first_step_seconds = seconds
+        self.budget_clock.append(seconds)
         if steps_this_run >= 8 and steps_this_run & (steps_this_run - 1) == 0:
-            per_step = (seconds - self.first_step_seconds) / (steps_this_run - 1)
+            durations = np.diff(self.budget_clock)
+            per_step = float(durations[durations <= 3 * np.median(durations)].mean())
             fitted = max(self.step + 1, self.step + int((budget * 60 - elapsed) / per_step))
             if fitted < self.total_steps:
                 logger.info("Time budget %.1f min at %.2f s/step: schedule shortened from %d to %d steps",
