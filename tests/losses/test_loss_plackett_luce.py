@@ -61,3 +61,8 @@ def test_target_receives_no_gradient():
 def test_invalid_top_k_rejected(top_k):
     with pytest.raises(ValueError, match="top_k"):
         plackett_luce_loss(torch.randn(2, 4), torch.randn(2, 4), top_k)
+
+
+def test_one_dimensional_scores_rejected():
+    with pytest.raises(ValueError, match=r"scores must be \[Q, N\].*scores\[None\]"):
+        plackett_luce_loss(torch.randn(8), torch.randn(8))

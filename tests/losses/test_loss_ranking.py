@@ -152,3 +152,16 @@ def test_detach_changes_nothing_at_zero_scales():
     _, feature_grads_d, _ = _grads_with_detach(True, 0.0)
     for got, want in zip(feature_grads_d, feature_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_width_mismatch_names_embed_dim():
+    features = torch.nn.functional.normalize(torch.randn(8, 32), dim=1)
+    with pytest.raises(ValueError, match=r"width 32 do not match RankingLoss\(embed_dim=16\)"):
+        RankingLoss(order=3, embed_dim=16)(features, features, 10.0)
+
+
+def test_half_features_without_autocast():
+    features = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    loss = RankingLoss(order=3, embed_dim=16)
+    expected = loss(features.half().float(), features.half().float(), 10.0)
+    torch.testing.assert_close(loss(features.half(), features.half(), 10.0).float(), expected, atol=2e-2, rtol=2e-2)

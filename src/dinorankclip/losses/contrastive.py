@@ -58,10 +58,10 @@ def _upcast(tensor: Tensor) -> Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
-def _check_pair(image_features: Tensor, text_features: Tensor) -> None:
+def _check_pair(image_features: Tensor, text_features: Tensor, other: str = "text_features") -> None:
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
         raise ValueError(
-            "image_features and text_features must both be [B, E] with the same shape, got "
+            f"image_features and {other} must both be [B, E] with the same shape, got "
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
 
@@ -323,7 +323,7 @@ class AlipLoss(nn.Module):
             "pair_weight_caption"}: the total, its two parts and the mean weights of the local rows.
         """
         _check_pair(image_features, text_features)
-        _check_pair(image_features, caption_features)
+        _check_pair(image_features, caption_features, "caption_features")
         img_cols, txt_cols = _columns(image_features, text_features, all_image_features, all_text_features)
         cap_cols = caption_features if all_caption_features is None else all_caption_features
         rows = slice(row_offset, row_offset + image_features.shape[0])

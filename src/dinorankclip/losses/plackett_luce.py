@@ -86,6 +86,9 @@ def plackett_luce_loss(scores: Tensor, target_scores: Tensor, top_k: int | None 
     Returns:
         Scalar loss.
     """
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [Q, N] (one row per list), got shape {tuple(scores.shape)}; "
+                         "use scores[None] for a single list")
     if scores.shape != target_scores.shape:
         raise ValueError(
             f"scores and target_scores must have the same shape, got {tuple(scores.shape)} and "

@@ -96,6 +96,7 @@ class RankingLoss(nn.Module):
             raise ValueError(f"order must be an int in 0..{MAX_ORDER}, got {order!r}")
         check_top_k(top_k, 1)
         self.order = order
+        self.embed_dim = embed_dim
         self.top_k = top_k
         self.detach = detach
         self.transition = TransitionHeads(order, embed_dim, heads=heads, head_dim=head_dim) if order >= 2 else None
@@ -123,6 +124,11 @@ class RankingLoss(nn.Module):
         """
         if (all_image_features is None) != (all_text_features is None):
             raise ValueError("all_image_features and all_text_features must be given together or not at all")
+        if self.transition is not None and image_features.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"features of width {image_features.shape[-1]} do not match RankingLoss(embed_dim={self.embed_dim}); "
+                "build the loss with the embedding width of the features"
+            )
         img_cols = image_features if all_image_features is None else all_image_features
         txt_cols = text_features if all_text_features is None else all_text_features
         if self.order == 0:
@@ -155,6 +161,13 @@ class RankingLoss(nn.Module):
         ]
         return 0.5 * (losses[0] + losses[1]), 0.5 * (losses[2] + losses[3])
 
+    def _head_input(self, candidates: Tensor) -> Tensor:
+        """Return ``candidates`` in the heads' dtype (half-precision features without autocast included)."""
+        dtype = self.transition.scale[0].dtype
+        if torch.is_autocast_enabled(candidates.device.type) or candidates.dtype == dtype:
+            return candidates
+        return candidates.to(dtype)
+
     def _list_loss(self, scores: Tensor, order: Tensor, candidates: Tensor, factors: dict) -> Tensor:
         num_pos = check_top_k(self.top_k, scores.shape[1])
         if self.transition is None:
@@ -162,7 +175,7 @@ class RankingLoss(nn.Module):
         else:
             if id(candidates) not in factors:
                 factors[id(candidates)] = self.transition.lag_factors(
-                    candidates.detach() if self.detach else candidates
+                    self._head_input(candidates.detach() if self.detach else candidates)
                 )
             queries, keys = factors[id(candidates)]
             nll = transition_nll_chunked(scores, order, queries, keys)
