@@ -67,6 +67,7 @@ def test_file_order_conflict_still_raises(tmp_path):
         ("loss.name=rankclip loss.order=3", None),
         ("train.precision=fp8", "bf16"),
         ("teacher.blocks=[1,2", "teacher.blocks=[1,2 is not valid YAML"),
+        ("train.batch_size=1", "at least 2 pairs"),
     ],
 )
 def test_bad_override_names_key(override, fragment):

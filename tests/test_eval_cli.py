@@ -79,3 +79,9 @@ def test_bundled_eval_fills_missing_tasks(sample_data):
     assert own_skipped == {}
     with pytest.raises(ConfigError, match="NAME=SOURCE"):
         eval_config_from_args(_dataset_args(zeroshot=["cifar10"]), batch_size=32)
+
+
+@pytest.mark.parametrize(("spec", "missing"), [("=x.csv", "dataset name"), ("cifar10=", "source")])
+def test_zeroshot_spec_needs_name_and_source(run_dir, capsys, spec, missing):
+    assert main(["eval", "--checkpoint", str(run_dir), "--zeroshot", spec]) == 2
+    assert f"lacks a {missing}" in capsys.readouterr().err

@@ -57,7 +57,8 @@ def _check_positive(key: str, value: float | int | None, *, allow_zero: bool = F
         return
     if value is None or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{key}={value!r} is invalid; it must be a number {bound}")
+        kind = "an integer" if isinstance(value, int) and not isinstance(value, bool) else "a number"
+        raise ConfigError(f"{key}={value!r} is invalid; it must be {kind} {bound}")
 
 
 def _check_fraction(key: str, value: float) -> None:
@@ -281,6 +282,9 @@ class TrainConfig:
         _check_positive("train.steps", self.steps)
         _check_positive("train.time_budget_minutes", self.time_budget_minutes, allow_none=True)
         _check_positive("train.batch_size", self.batch_size)
+        if self.batch_size < 2:
+            raise ConfigError(f"train.batch_size={self.batch_size} is invalid; contrastive and ranking losses need "
+                              "at least 2 pairs per batch")
         _check_positive("train.lr", self.lr)
         _check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)

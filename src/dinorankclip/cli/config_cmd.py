@@ -1,4 +1,4 @@
-"""``dinorankclip config``: print the resolved config, checking every key and value."""
+"""``dinorankclip config``: print the resolved config, checking every key and the type and range of each value."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ NAME = "config"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("config", help="print the resolved config as YAML (checks keys and values)")
+    p = sub.add_parser("config", help="print the resolved config as YAML (checks key names and value types and "
+                                      "ranges; files, model names and weights are checked when a run starts)")
     p.add_argument("--config", metavar="FILE", help="YAML config file or preset name")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
 

@@ -44,7 +44,10 @@ def parse_pairs(items: list[str], option: str) -> dict[str, str]:
         if "=" not in item:
             raise ConfigError(f"{option} {item!r} is malformed; write NAME=SOURCE, e.g. cifar10=data/cifar10/test.csv")
         name, path = item.split("=", 1)
-        pairs[name] = path
+        if not name.strip() or not path.strip():
+            raise ConfigError(f"{option} {item!r} lacks a {'dataset name' if not name.strip() else 'source'}; "
+                              "write NAME=SOURCE, e.g. cifar10=data/cifar10/test.csv")
+        pairs[name.strip()] = path.strip()
     return pairs
 
 
@@ -118,7 +121,7 @@ def run(args) -> int:
     if out is not None:
         folder = out.parent if out.suffix.lower() == ".json" else out
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, option="--device")
     encoder, _ = build_encoder(args.checkpoint, device)
     checkpoint = Path(args.checkpoint)
     model_name = checkpoint.parent.name if checkpoint.is_file() else checkpoint.name

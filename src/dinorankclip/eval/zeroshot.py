@@ -73,6 +73,10 @@ def zeroshot_classify(encoder: Encoder, loader, prompts: PromptSet, *, name: str
         )
     logits = feats["image_features"] @ classifier.T
     metrics = classification_metrics(logits, labels, len(prompts.classnames))
+    if metrics["num_classes_with_images"] * 2 < metrics["num_classes"]:
+        logger.warning("%s: only %d of %d classes have images; the chance level assumes all %d classes, so check "
+                       "the dataset's folders or labels", name, metrics["num_classes_with_images"],
+                       metrics["num_classes"], metrics["num_classes"])
     metrics.update(templates=prompts.template_source, template_origin=prompts.template_origin,
                    num_templates=len(prompts.templates), classnames=prompts.classnames_source,
                    duplicate_classnames=prompts.duplicate_names())

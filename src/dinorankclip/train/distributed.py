@@ -71,13 +71,17 @@ class DistributedContext:
             dist.destroy_process_group()
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """Turn ``train.device`` (auto, cpu, cuda, cuda:N) into a device; auto picks CUDA when present."""
+def resolve_device(name: str, local_rank: int = 0, *, option: str = "train.device=") -> torch.device:
+    """Turn a device name (auto, cpu, cuda, cuda:N) into a device; auto picks CUDA when present.
+
+    ``option`` is how the user sets the name (``train.device=`` or ``--device``), for the error message.
+    """
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available; use train.device=cpu")
+        sep = "" if option.endswith("=") else " "
+        raise ValueError(f"{option}{sep}{name} is invalid: CUDA is not available; use {option}{sep}cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device

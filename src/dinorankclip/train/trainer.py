@@ -73,7 +73,11 @@ def _git_sha() -> str | None:
 def _check_config(cfg: Config, ctx: DistributedContext) -> None:
     if cfg.data.train is None:
         raise ConfigError("data.train is not set; give a CSV/TSV with filepath,caption columns or WebDataset shards")
-    if cfg.loss.name == "alip" and not (cfg.data.second_caption_column or cfg.data.second_caption_key):
+    second = cfg.data.second_caption_column or cfg.data.second_caption_key
+    if second and cfg.loss.name != "alip":
+        logger.warning("The second captions (%s) are only used by loss.name=alip; loss.name=%s ignores them",
+                       second, cfg.loss.name)
+    if cfg.loss.name == "alip" and not second:
         raise ConfigError(
             "loss.name=alip needs a second caption per image; set data.second_caption_column=<column> for a table "
             "or data.second_caption_key=<ext or json:FIELD> for shards"
