@@ -188,3 +188,60 @@ def test_bad_shard_trains_to_end_with_counts(tmp_path, tiny_overrides, caplog):
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["samples_skipped"] == 6
     assert any("bad.tar key s013" in r.getMessage() and "duplicate_key" in r.getMessage() for r in caplog.records)
+
+
+def _truncated_shard(path, count, cut):
+    """Write ``count`` good samples and cut the file in the middle of sample ``cut``'s image."""
+    write_good_shard(path, 0, count)
+    with tarfile.open(path) as tar:
+        member = tar.getmember(f"k{cut:05d}.jpg")
+    with open(path, "r+b") as handle:
+        handle.truncate(member.offset_data + member.size // 2)
+
+
+def test_buffer_fill_reads_truncated_shard_once(tmp_path):
+    _truncated_shard(tmp_path / "cut.tar", 20, 14)
+    keys, bad = _one_pass(tmp_path / "cut.tar")
+    assert len(keys) == 14
+    assert [b.kind for b in bad] == ["truncated_tar"]
+    cfg = DataConfig(train=str(tmp_path / "cut.tar"), num_workers=0, shuffle_buffer=1000)
+    loader = build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=4, seed=0)
+    first = next(loader)
+    # One pass (14 samples and the truncation marker) fills the buffer. The first record of the next pass
+    # triggers the first draw, and 3 more reads give the other 3 samples of the batch.
+    assert [b.kind for b in first["bad"]] == ["truncated_tar"]
+    assert first["num_samples"] == 14 + 1 + 4
+    assert loader.state_dict()["workers"][0]["capacity"] == 15
+    loader.close()
+
+
+def test_capacity_survives_resume(tmp_path):
+    _truncated_shard(tmp_path / "cut.tar", 20, 14)
+    cfg = DataConfig(train=str(tmp_path / "cut.tar"), num_workers=0, shuffle_buffer=1000)
+    loader = build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=4, seed=0)
+    next(loader)
+    state = loader.state_dict()
+    expected = [next(loader)["key"] for _ in range(6)]
+    loader.close()
+    resumed = build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=4, seed=0, state=state)
+    assert [next(resumed)["key"] for _ in range(6)] == expected
+    resumed.close()
+
+
+def test_truncated_shard_trains_with_default_buffer(tmp_path, tiny_overrides):
+    from dinorankclip.train.trainer import train
+
+    _truncated_shard(tmp_path / "cut.tar", 40, 30)
+    cfg = load_config(None, list(tiny_overrides) + [
+        "fusion.variant=none", f"data.train={tmp_path / 'cut.tar'}", "train.batch_size=8", "train.steps=6",
+        f"train.output_dir={tmp_path / 'run'}",
+    ])
+    assert cfg.data.shuffle_buffer == 1000
+    assert cfg.data.max_bad_fraction == 0.05
+    summary = train(cfg)
+    # Each pass reads 30 samples and one truncation marker. The fill reads the first pass, then each good
+    # read gives one of the 6 × 8 samples, and the second pass's marker comes among them.
+    assert summary["steps"] == 6
+    assert summary["samples_seen"] == 31 + 48 + 1
+    assert summary["samples_skipped"] == 2
+    assert summary["skipped_truncated_tar"] == 2
