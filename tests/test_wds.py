@@ -245,3 +245,45 @@ def test_truncated_shard_trains_with_default_buffer(tmp_path, tiny_overrides):
     assert summary["samples_seen"] == 31 + 48 + 1
     assert summary["samples_skipped"] == 2
     assert summary["skipped_truncated_tar"] == 2
+
+
+def test_shards_smaller_than_batch_rejected(tmp_path):
+    write_good_shard(tmp_path / "s.tar", 0, 20)
+    (tmp_path / "sizes.json").write_text(json.dumps({"s.tar": 20}))
+    cfg = DataConfig(train=str(tmp_path / "s.tar"), num_workers=0, shuffle_buffer=0)
+    with pytest.raises(ValueError, match=r"has 20 samples \(sizes.json beside the shards\), fewer than "
+                                         r"train.batch_size=128; lower the batch size"):
+        build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=128, seed=0)
+    loader = build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=20, seed=0)
+    assert loader.num_samples == 20
+    loader.close()
+
+
+def test_num_samples_smaller_than_batch_rejected(tmp_path):
+    write_good_shard(tmp_path / "s.tar", 0, 20)
+    cfg = DataConfig(train=str(tmp_path / "s.tar"), num_workers=0, shuffle_buffer=0, num_samples=20)
+    with pytest.raises(ValueError, match=r"has 20 samples \(data.num_samples\), fewer than train.batch_size=32"):
+        build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=32, seed=0)
+
+
+def test_shards_of_unknown_size_accepted(tmp_path):
+    write_good_shard(tmp_path / "s.tar", 0, 20)
+    cfg = DataConfig(train=str(tmp_path / "s.tar"), num_workers=0, shuffle_buffer=0)
+    loader = build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=32, seed=0)
+    assert loader.num_samples is None
+    loader.close()
+
+
+def test_training_rejects_shards_smaller_than_batch(tmp_path, sample_data, tiny_overrides):
+    from dinorankclip.train.trainer import train
+
+    rows = (sample_data / "flickr8k" / "train.csv").read_text().splitlines()[:21]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "images").symlink_to(sample_data / "flickr8k" / "images")
+    assert cli_main(["data", "pack", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "shards")]) == 0
+    cfg = load_config(None, list(tiny_overrides) + [
+        "fusion.variant=none", f"data.train={tmp_path / 'shards' / 'shard-000000.tar'}", "train.batch_size=128",
+        f"train.output_dir={tmp_path / 'run'}",
+    ])
+    with pytest.raises(ValueError, match="has 20 samples .* fewer than train.batch_size=128"):
+        train(cfg)
