@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import tarfile
 
 import pytest
@@ -287,3 +288,67 @@ def test_training_rejects_shards_smaller_than_batch(tmp_path, sample_data, tiny_
     ])
     with pytest.raises(ValueError, match="has 20 samples .* fewer than train.batch_size=128"):
         train(cfg)
+
+
+def _pack_table(tmp_path, sample_data, count):
+    """Write a table of ``count`` real images beside a link to the image folder; returns its path."""
+    images = tmp_path / "images"
+    if not images.exists():
+        images.symlink_to(sample_data / "flickr8k" / "images")
+    names = [p.name for p in sorted((sample_data / "flickr8k" / "images").glob("*.jpg"))[:count]]
+    table = tmp_path / f"pairs{count}.csv"
+    table.write_text("filepath,caption\n" + "".join(f"images/{n},caption of {n}\n" for n in names))
+    return table
+
+
+def test_pack_skips_undecodable_images(tmp_path, sample_data, capsys):
+    good = sorted((sample_data / "flickr8k" / "images").glob("*.jpg"))[:3]
+    (tmp_path / "random.jpg").write_bytes(random.Random(0).randbytes(4000))
+    (tmp_path / "truncated.jpg").write_bytes(good[0].read_bytes()[:2000])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    rows = [str(p) for p in good] + ["random.jpg", "truncated.jpg", "empty.jpg", "missing.jpg"]
+    table = tmp_path / "pairs.csv"
+    table.write_text("filepath,caption\n" + "".join(f"{r},caption {i}\n" for i, r in enumerate(rows)))
+    assert cli_main(["data", "pack", str(table), "--out", str(tmp_path / "shards")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 3
+    assert summary["skipped"] == 4
+    assert summary["skipped_decode_error"] == 2
+    assert summary["skipped_empty_image"] == 1
+    assert summary["skipped_missing_file"] == 1
+    keys, bad = _one_pass(tmp_path / "shards" / "shard-000000.tar")
+    assert keys == ["000000000", "000000001", "000000002"]
+    assert bad == []
+
+
+def test_pack_rejects_existing_shards(tmp_path, sample_data, capsys):
+    out = tmp_path / "shards"
+    assert cli_main(["data", "pack", str(_pack_table(tmp_path, sample_data, 7)), "--out", str(out),
+                     "--shard-size", "3"]) == 0
+    sizes_before = (out / "sizes.json").read_text()
+    capsys.readouterr()
+    assert cli_main(["data", "pack", str(_pack_table(tmp_path, sample_data, 4)), "--out", str(out),
+                     "--shard-size", "3"]) == 2
+    error = capsys.readouterr().err
+    assert "already contains 3 shards named shard-*.tar" in error
+    assert "shard-000000.tar, shard-000001.tar, shard-000002.tar" in error
+    assert "--overwrite" in error
+    assert (out / "sizes.json").read_text() == sizes_before
+    assert shard_sizes(expand_shards(str(out / "shard-{000000..000002}.tar"))) == 7
+
+
+def test_pack_overwrite_removes_stale_shards(tmp_path, sample_data, capsys):
+    out = tmp_path / "shards"
+    assert cli_main(["data", "pack", str(_pack_table(tmp_path, sample_data, 7)), "--out", str(out),
+                     "--shard-size", "3"]) == 0
+    assert cli_main(["data", "pack", str(_pack_table(tmp_path, sample_data, 2)), "--out", str(out),
+                     "--shard-size", "3", "--prefix", "other"]) == 0
+    capsys.readouterr()
+    assert cli_main(["data", "pack", str(_pack_table(tmp_path, sample_data, 4)), "--out", str(out),
+                     "--shard-size", "3", "--overwrite"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["shards"] == 2
+    assert summary["removed_shards"] == 1
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes == {"other-000000.tar": 2, "shard-000000.tar": 3, "shard-000001.tar": 1}

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {command.NAME: command.run for command in COMMANDS}
     try:
         return commands[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
         if args.traceback:
             raise
         print(f"dinorankclip {args.command}: error: {err}\n(add --traceback before the command for details)",
