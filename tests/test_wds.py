@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import tarfile
 
 import pytest
@@ -188,3 +189,166 @@ def test_bad_shard_trains_to_end_with_counts(tmp_path, tiny_overrides, caplog):
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["samples_skipped"] == 6
     assert any("bad.tar key s013" in r.getMessage() and "duplicate_key" in r.getMessage() for r in caplog.records)
+
+
+def _truncated_shard(path, count, cut):
+    """Write ``count`` good samples and cut the file in the middle of sample ``cut``'s image."""
+    write_good_shard(path, 0, count)
+    with tarfile.open(path) as tar:
+        member = tar.getmember(f"k{cut:05d}.jpg")
+    with open(path, "r+b") as handle:
+        handle.truncate(member.offset_data + member.size // 2)
+
+
+def test_buffer_fill_reads_truncated_shard_once(tmp_path):
+    _truncated_shard(tmp_path / "cut.tar", 20, 14)
+    keys, bad = _one_pass(tmp_path / "cut.tar")
+    assert len(keys) == 14
+    assert [b.kind for b in bad] == ["truncated_tar"]
+    cfg = DataConfig(train=str(tmp_path / "cut.tar"), num_workers=0, shuffle_buffer=1000)
+    loader = build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=4, seed=0)
+    first = next(loader)
+    # One pass (14 samples and the truncation marker) fills the buffer. The first record of the next pass
+    # triggers the first draw, and 3 more reads give the other 3 samples of the batch.
+    assert [b.kind for b in first["bad"]] == ["truncated_tar"]
+    assert first["num_samples"] == 14 + 1 + 4
+    assert loader.state_dict()["workers"][0]["capacity"] == 15
+    loader.close()
+
+
+def test_capacity_survives_resume(tmp_path):
+    _truncated_shard(tmp_path / "cut.tar", 20, 14)
+    cfg = DataConfig(train=str(tmp_path / "cut.tar"), num_workers=0, shuffle_buffer=1000)
+    loader = build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=4, seed=0)
+    next(loader)
+    state = loader.state_dict()
+    expected = [next(loader)["key"] for _ in range(6)]
+    loader.close()
+    resumed = build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=4, seed=0, state=state)
+    assert [next(resumed)["key"] for _ in range(6)] == expected
+    resumed.close()
+
+
+def test_truncated_shard_trains_with_default_buffer(tmp_path, tiny_overrides):
+    from dinorankclip.train.trainer import train
+
+    _truncated_shard(tmp_path / "cut.tar", 40, 30)
+    cfg = load_config(None, list(tiny_overrides) + [
+        "fusion.variant=none", f"data.train={tmp_path / 'cut.tar'}", "train.batch_size=8", "train.steps=6",
+        f"train.output_dir={tmp_path / 'run'}",
+    ])
+    assert cfg.data.shuffle_buffer == 1000
+    assert cfg.data.max_bad_fraction == 0.05
+    summary = train(cfg)
+    # Each pass reads 30 samples and one truncation marker. The fill reads the first pass, then each good
+    # read gives one of the 6 × 8 samples, and the second pass's marker comes among them.
+    assert summary["steps"] == 6
+    assert summary["samples_seen"] == 31 + 48 + 1
+    assert summary["samples_skipped"] == 2
+    assert summary["skipped_truncated_tar"] == 2
+
+
+def test_shards_smaller_than_batch_rejected(tmp_path):
+    write_good_shard(tmp_path / "s.tar", 0, 20)
+    (tmp_path / "sizes.json").write_text(json.dumps({"s.tar": 20}))
+    cfg = DataConfig(train=str(tmp_path / "s.tar"), num_workers=0, shuffle_buffer=0)
+    with pytest.raises(ValueError, match=r"has 20 samples \(sizes.json beside the shards\), fewer than "
+                                         r"train.batch_size=128; lower the batch size"):
+        build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=128, seed=0)
+    loader = build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=20, seed=0)
+    assert loader.num_samples == 20
+    loader.close()
+
+
+def test_num_samples_smaller_than_batch_rejected(tmp_path):
+    write_good_shard(tmp_path / "s.tar", 0, 20)
+    cfg = DataConfig(train=str(tmp_path / "s.tar"), num_workers=0, shuffle_buffer=0, num_samples=20)
+    with pytest.raises(ValueError, match=r"has 20 samples \(data.num_samples\), fewer than train.batch_size=32"):
+        build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=32, seed=0)
+
+
+def test_shards_of_unknown_size_accepted(tmp_path):
+    write_good_shard(tmp_path / "s.tar", 0, 20)
+    cfg = DataConfig(train=str(tmp_path / "s.tar"), num_workers=0, shuffle_buffer=0)
+    loader = build_train_data(cfg, transform=VIEWS, tokenizer=_tokenizer, batch_size=32, seed=0)
+    assert loader.num_samples is None
+    loader.close()
+
+
+def test_training_rejects_shards_smaller_than_batch(tmp_path, sample_data, tiny_overrides):
+    from dinorankclip.train.trainer import train
+
+    rows = (sample_data / "flickr8k" / "train.csv").read_text().splitlines()[:21]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "images").symlink_to(sample_data / "flickr8k" / "images")
+    assert cli_main(["data", "pack", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "shards")]) == 0
+    cfg = load_config(None, list(tiny_overrides) + [
+        "fusion.variant=none", f"data.train={tmp_path / 'shards' / 'shard-000000.tar'}", "train.batch_size=128",
+        f"train.output_dir={tmp_path / 'run'}",
+    ])
+    with pytest.raises(ValueError, match="has 20 samples .* fewer than train.batch_size=128"):
+        train(cfg)
+
+
+def _pack_table(tmp_path, sample_data, count):
+    """Write a table of ``count`` real images beside a link to the image folder; returns its path."""
+    images = tmp_path / "images"
+    if not images.exists():
+        images.symlink_to(sample_data / "flickr8k" / "images")
+    names = [p.name for p in sorted((sample_data / "flickr8k" / "images").glob("*.jpg"))[:count]]
+    table = tmp_path / f"pairs{count}.csv"
+    table.write_text("filepath,caption\n" + "".join(f"images/{n},caption of {n}\n" for n in names))
+    return table
+
+
+def test_pack_skips_undecodable_images(tmp_path, sample_data, capsys):
+    good = sorted((sample_data / "flickr8k" / "images").glob("*.jpg"))[:3]
+    (tmp_path / "random.jpg").write_bytes(random.Random(0).randbytes(4000))
+    (tmp_path / "truncated.jpg").write_bytes(good[0].read_bytes()[:2000])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    rows = [str(p) for p in good] + ["random.jpg", "truncated.jpg", "empty.jpg", "missing.jpg"]
+    table = tmp_path / "pairs.csv"
+    table.write_text("filepath,caption\n" + "".join(f"{r},caption {i}\n" for i, r in enumerate(rows)))
+    assert cli_main(["data", "pack", str(table), "--out", str(tmp_path / "shards")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 3
+    assert summary["skipped"] == 4
+    assert summary["skipped_decode_error"] == 2
+    assert summary["skipped_empty_image"] == 1
+    assert summary["skipped_missing_file"] == 1
+    keys, bad = _one_pass(tmp_path / "shards" / "shard-000000.tar")
+    assert keys == ["000000000", "000000001", "000000002"]
+    assert bad == []
+
+
+def test_pack_rejects_existing_shards(tmp_path, sample_data, capsys):
+    out = tmp_path / "shards"
+    assert cli_main(["data", "pack", str(_pack_table(tmp_path, sample_data, 7)), "--out", str(out),
+                     "--shard-size", "3"]) == 0
+    sizes_before = (out / "sizes.json").read_text()
+    capsys.readouterr()
+    assert cli_main(["data", "pack", str(_pack_table(tmp_path, sample_data, 4)), "--out", str(out),
+                     "--shard-size", "3"]) == 2
+    error = capsys.readouterr().err
+    assert "already contains 3 shards named shard-*.tar" in error
+    assert "shard-000000.tar, shard-000001.tar, shard-000002.tar" in error
+    assert "--overwrite" in error
+    assert (out / "sizes.json").read_text() == sizes_before
+    assert shard_sizes(expand_shards(str(out / "shard-{000000..000002}.tar"))) == 7
+
+
+def test_pack_overwrite_removes_stale_shards(tmp_path, sample_data, capsys):
+    out = tmp_path / "shards"
+    assert cli_main(["data", "pack", str(_pack_table(tmp_path, sample_data, 7)), "--out", str(out),
+                     "--shard-size", "3"]) == 0
+    assert cli_main(["data", "pack", str(_pack_table(tmp_path, sample_data, 2)), "--out", str(out),
+                     "--shard-size", "3", "--prefix", "other"]) == 0
+    capsys.readouterr()
+    assert cli_main(["data", "pack", str(_pack_table(tmp_path, sample_data, 4)), "--out", str(out),
+                     "--shard-size", "3", "--overwrite"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["shards"] == 2
+    assert summary["removed_shards"] == 1
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes == {"other-000000.tar": 2, "shard-000000.tar": 3, "shard-000001.tar": 1}

@@ -347,3 +347,70 @@ def test_online_teacher_projects_with_cache_pca(cache_dir, table):
     cached = TeacherCache(cache_dir).lookup(keys)
     torch.testing.assert_close(projected.cls, cached.cls, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(projected.patch, cached.patch, rtol=2e-3, atol=2e-3)
+
+
+def _table_with_unreadable_images(folder: Path, table: Path) -> Path:
+    """Copy ``table`` into ``folder`` with two more rows: a corrupt JPEG and an empty one."""
+    (folder / "images").symlink_to(table.parent / "images")
+    (folder / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (folder / "empty.jpg").write_bytes(b"")
+    extended = folder / "corrupt.csv"
+    extended.write_text(table.read_text() + "bad.jpg,a caption\nempty.jpg,another caption\n")
+    return extended
+
+
+def test_manifest_lists_unreadable_keys(tmp_path, teacher, table):
+    corrupt = _table_with_unreadable_images(tmp_path, table)
+    manifest = _build(teacher, corrupt, tmp_path / "cache")
+    assert manifest["data"]["bad"] == 2
+    assert manifest["data"]["skipped_keys"] == ["bad.jpg", "empty.jpg"]
+    cache = TeacherCache(tmp_path / "cache")
+    assert sorted(cache.skipped) == ["bad.jpg", "empty.jpg"]
+    assert "empty" in cache.skipped["empty.jpg"]
+
+
+def test_unreadable_keys_survive_resume(tmp_path, teacher, table):
+    """Keys skipped by an interrupted build are listed after the build resumes."""
+    corrupt = _table_with_unreadable_images(tmp_path, table)
+    samples = table_samples(corrupt)
+    samples = samples[-2:] + samples[:-2]  # the unreadable images land in the first shard
+    out = tmp_path / "cache"
+    with pytest.raises(_Interrupted):
+        _build(teacher, corrupt, out, samples=_counting(samples, [], stop_after=8))
+    manifest = _build(teacher, corrupt, out, samples=samples)
+    assert manifest["data"]["skipped_keys"] == ["bad.jpg", "empty.jpg"]
+
+
+def test_cache_without_skipped_list_reads_shards(tmp_path, teacher, table):
+    corrupt = _table_with_unreadable_images(tmp_path, table)
+    _build(teacher, corrupt, tmp_path / "cache")
+    manifest_path = tmp_path / "cache" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["data"]["skipped_keys"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert sorted(TeacherCache(tmp_path / "cache").skipped) == ["bad.jpg", "empty.jpg"]
+
+
+def test_training_table_with_unreadable_images_accepted(tmp_path, teacher, table):
+    corrupt = _table_with_unreadable_images(tmp_path, table)
+    _build(teacher, corrupt, tmp_path / "cache")
+    source = CachedTeacher(_config(tmp_path / "cache", corrupt), torch.device("cpu"))
+    assert len(source.cache) == NUM_IMAGES
+
+    (tmp_path / "extra.csv").write_text(corrupt.read_text() + "images/extra.jpg,a caption\n")
+    with pytest.raises(TeacherCacheError, match="lacks 1 image keys.*'images/extra.jpg'") as error:
+        CachedTeacher(_config(tmp_path / "cache", tmp_path / "extra.csv"), torch.device("cpu"))
+    assert "bad.jpg" not in str(error.value)
+    assert "--out NEW_FOLDER" in str(error.value)
+
+
+def test_image_readable_since_build_rejected(tmp_path, teacher, table):
+    corrupt = _table_with_unreadable_images(tmp_path, table)
+    _build(teacher, corrupt, tmp_path / "cache")
+    first_image = next(iter(dict(table_samples(table))))
+    shutil.copy(table.parent / first_image, tmp_path / "bad.jpg")
+    with pytest.raises(TeacherCacheError, match="1 images .* can be read now: 'bad.jpg'") as error:
+        CachedTeacher(_config(tmp_path / "cache", corrupt), torch.device("cpu"))
+    assert "--out NEW_FOLDER" in str(error.value)
+    with pytest.raises(TeacherCacheError, match="'bad.jpg' has no features .* could not be read when the cache"):
+        TeacherCache(tmp_path / "cache").lookup(["bad.jpg"])

@@ -74,3 +74,30 @@ def test_cache_command_needs_teacher_weights(tmp_path, sample_data, capsys):
     code = main(["teacher-cache", "--data", str(sample_data / "flickr8k" / "train.csv"), "--out", str(tmp_path / "c")])
     assert code == 2
     assert "teacher.weights is not set" in capsys.readouterr().err
+
+
+def test_train_on_table_with_images_the_cache_skipped(tmp_path, sample_data, tiny_overrides, capsys):
+    """Rows whose image the cache build could not read train like any unreadable image: skipped and counted."""
+    source = sample_data / "flickr8k"
+    header, *rows = (source / "train.csv").read_text().splitlines()[:13]
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    table = tmp_path / "corrupt.csv"
+    table.write_text("\n".join([header] + [f"{source}/{row}" for row in rows]) + "\nbad.jpg,a caption\n"
+                     "empty.jpg,another caption\n")
+    cache = tmp_path / "cache"
+    code = main(["teacher-cache", "--data", str(table), "--out", str(cache), "--pca-dim", "16",
+                 "data.max_bad_fraction=0.5", *TEACHER_OVERRIDES])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["bad"] == 2
+
+    run = tmp_path / "run"
+    # A batch of all 14 rows: each step meets both unreadable images.
+    code = main(["train", "--config", "tiny-cpu", "--out", str(run), *tiny_overrides, f"data.train={table}",
+                 f"teacher.cache={cache}", "teacher.weights=null", "data.max_bad_fraction=0.5",
+                 "train.batch_size=14"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["samples_skipped"] == 4
+    assert records[-1]["skipped_decode_error"] == 2
+    assert records[-1]["skipped_empty_image"] == 2

@@ -13,8 +13,9 @@ def add_parser(sub) -> None:
     pack = actions.add_parser(
         "pack", help="write WebDataset shards (img2dataset layout) and sizes.json from a CSV/TSV table",
         description="Write KEY.jpg/png/webp (image bytes as stored), KEY.txt (caption) and KEY.json for every row "
-                    "whose image can be read, in shards of --shard-size samples, plus sizes.json (sample count "
-                    "per shard). Prints the brace pattern to use as data.train.",
+                    "whose image can be read and decoded, in shards of --shard-size samples, plus sizes.json "
+                    "(sample count per shard). Prints the brace pattern to use as data.train and the number of "
+                    "rows skipped per reason.",
     )
     pack.add_argument("table", metavar="CSV", help="CSV/TSV with image paths (relative to its folder) and captions")
     pack.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards")
@@ -25,6 +26,9 @@ def add_parser(sub) -> None:
     pack.add_argument("--second-caption-column", metavar="NAME",
                       help="column of a second caption (ALIP), stored in KEY.json under the same name")
     pack.add_argument("--separator", help="field separator (default: tab for .tsv, comma otherwise)")
+    pack.add_argument("--overwrite", action="store_true",
+                      help="replace the PREFIX-*.tar shards already in --out and delete those beyond the new count "
+                           "(without it, existing shards are an error)")
 
 
 def run(args) -> int:
@@ -33,8 +37,12 @@ def run(args) -> int:
     result = pack_shards(
         args.table, args.out, shard_size=args.shard_size, prefix=args.prefix,
         filepath_column=args.filepath_column, caption_column=args.caption_column,
-        second_caption_column=args.second_caption_column, separator=args.separator,
+        second_caption_column=args.second_caption_column, separator=args.separator, overwrite=args.overwrite,
     )
-    print(json.dumps({"shards": len(result.shards), "samples": result.num_samples, "skipped": len(result.skipped),
-                      "data.train": result.pattern}, indent=2))
+    summary = {"shards": len(result.shards), "samples": result.num_samples, "skipped": len(result.skipped)}
+    summary.update({f"skipped_{kind}": count for kind, count in sorted(result.skipped_kinds.items())})
+    if result.removed:
+        summary["removed_shards"] = len(result.removed)
+    summary["data.train"] = result.pattern
+    print(json.dumps(summary, indent=2))
     return 0

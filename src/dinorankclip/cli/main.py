@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dinorankclip {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, SafetensorError, yaml.YAMLError) as err:
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, RuntimeError, SafetensorError,
+            yaml.YAMLError) as err:
         if args.traceback:
             raise
         print(f"dinorankclip {args.command}: error: {_message(err)}\n"

@@ -229,6 +229,14 @@ def build_train_data(
 
     shards = expand_shards(cfg.train)
     num_samples = cfg.num_samples or shard_sizes(shards)
+    if num_samples is not None and num_samples < batch_size:
+        # The stream never ends, so without this check every batch would repeat samples: false negatives
+        # for the contrastive loss. Data of unknown size cannot be checked here.
+        source = "data.num_samples" if cfg.num_samples else "sizes.json beside the shards"
+        raise ValueError(
+            f"the training data has {num_samples} samples ({source}), fewer than train.batch_size={batch_size}; "
+            "lower the batch size or add data"
+        )
     plan = ShardPlan(shards, seed, world_size * max(1, cfg.num_workers), resampled=cfg.resampled)
     decoder = SampleDecoder(
         transform, tokenizer,

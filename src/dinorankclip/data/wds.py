@@ -3,9 +3,10 @@
 Each data worker (see ``shards.py``) reads its raw samples, mixes them in a shuffle buffer, decodes them
 and collates full batches of good samples. Skipped samples travel with the batch that follows them.
 Every batch carries the worker's position after it (``data_state``): the slot and offset of its shard
-reader, the buffer's contents as stream positions, and the number of buffer draws. The main process
-keeps the newest position of every worker, and a resumed worker rebuilds its buffer by re-reading those
-positions (no decoding), so a resumed run sees exactly the batches an uninterrupted run would have seen.
+reader, the buffer's contents as stream positions, its capacity, and the number of buffer draws. The
+main process keeps the newest position of every worker, and a resumed worker rebuilds its buffer by
+re-reading those positions (no decoding), so a resumed run sees exactly the batches an uninterrupted run
+would have seen.
 
 With ``num_workers`` DataLoader workers, batch t of a process comes from worker t mod num_workers (the
 DataLoader's round-robin order). After a resume at batch n, DataLoader worker k plays the role of
@@ -144,7 +145,11 @@ class WorkerStream:
                                   offset=int(state.get("offset", 0)))
         self.draws = int(state.get("draws", 0))
         self.batches = int(state.get("batches", 0))
+        # Records in the buffer at each draw. A checkpoint written before this field existed had a full buffer
+        # of buffer_size records.
+        self.capacity = int(state.get("capacity", buffer_size))
         self.buffer: list[RawRecord] = self._refill(state.get("buffer", []))
+        self.records_read = 0  # raw records and bad-sample markers read since the last batch
 
     def _refill(self, positions: list[list[int]]) -> list[RawRecord]:
         """Re-read the raw records at ``positions`` ([slot, offset] pairs) without decoding them."""
@@ -176,20 +181,38 @@ class WorkerStream:
             "offset": self.reader.offset,
             "draws": self.draws,
             "batches": self.batches,
+            "capacity": self.capacity,
             "buffer": [[record.slot, record.offset] for record in self.buffer],
         }
 
+    def _epoch(self, slot: int) -> int:
+        return self.plan.slot(self.worker, slot)[1]
+
     def _records(self) -> Iterator[RawRecord | BadSample]:
-        """Raw records through the shuffle buffer; bad-sample markers pass straight through."""
+        """Raw records through the shuffle buffer; bad-sample markers pass straight through.
+
+        The buffer holds at most one pass over the worker's shards: when the reader starts the next epoch
+        before the buffer is full, the capacity shrinks to what was read so far plus that next record. A
+        larger buffer would hold several copies of each sample, put copies into one batch (false negatives
+        for the contrastive loss), and read every damaged shard once per pass before the first batch.
+        """
         for item in self.reader:
+            self.records_read += 1
             if isinstance(item, BadSample):
                 yield item
                 continue
             if self.buffer_size == 0:
                 yield item
                 continue
+            filling = self.draws == 0 and len(self.buffer) + 1 < self.capacity
+            if filling and self.buffer and self._epoch(item.slot) > self._epoch(self.buffer[0].slot):
+                self.capacity = len(self.buffer) + 1
+                logger.info(
+                    "Data worker %d: one pass over its shards has %d samples, fewer than data.shuffle_buffer=%d; "
+                    "shuffling over %d samples", self.worker, len(self.buffer), self.buffer_size, self.capacity,
+                )
             self.buffer.append(item)
-            if len(self.buffer) < self.buffer_size:
+            if len(self.buffer) < self.capacity:
                 continue
             index = mix_seed(self.seed, self.draws) % len(self.buffer)
             self.draws += 1
@@ -217,7 +240,10 @@ class WorkerStream:
                 batch = collate_samples(good)
                 batch["bad"] = bad
                 batch["num_bad"] = len(bad)
-                batch["num_samples"] = len(good) + len(bad)
+                # Samples read, not delivered: the buffer fill reads far more records than the first batch
+                # holds, and the bad fraction must be taken over what was read.
+                batch["num_samples"] = self.records_read
+                self.records_read = 0
                 self.batches += 1
                 batch["data_state"] = self.state()
                 yield batch

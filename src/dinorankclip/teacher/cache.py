@@ -3,13 +3,14 @@
 A cache folder contains
 
 - ``manifest.json``: what made the features (timm teacher name and arguments, a fingerprint of the weights,
-  image size, blocks, patch grid), the PCA width, data counts and the list of shards. It is written last, so a
-  folder without it is an unfinished build;
+  image size, blocks, patch grid), the PCA width, data counts, the keys of the images that could not be read
+  (``data.skipped_keys``) and the list of shards. It is written last, so a folder without it is an unfinished
+  build;
 - ``pca.safetensors``: for the CLS token and for each block, the PCA mean ``[D]`` and components ``[W, D]``
   (float32), fitted on the teacher's tokens of a sample of the images;
 - ``shard-NNNNNN.safetensors``: float16 PCA coordinates of up to ``shard_size`` images, ``cls`` ``[n, W]`` and
-  ``level_j`` ``[n, P, W]`` (block j of the selected blocks, shallowest first), with the sample keys in the file
-  metadata;
+  ``level_j`` ``[n, P, W]`` (block j of the selected blocks, shallowest first), with the sample keys and the
+  unreadable samples' keys and reasons in the file metadata;
 - ``build.json``: the settings of the build, written first, so a restart can check that it continues the same
   build.
 
@@ -272,6 +273,7 @@ class TeacherCache:
 
     Attributes:
         manifest: the parsed ``manifest.json``.
+        skipped: reason by key of the images the build could not read, which have no features.
         dim: PCA width W of every cached token.
         grid: patch grid (h, w).
         blocks: resolved teacher block indices, one cached level each.
@@ -289,15 +291,21 @@ class TeacherCache:
         self.image_size: int = int(self.manifest["image_size"])
         self._files = [self.path / shard["file"] for shard in self.manifest["shards"]]
         self._index: dict[str, tuple[int, int]] = {}
+        reasons: dict[str, str] = {}
         for shard_index, file in enumerate(self._files):
             if not file.is_file():
                 raise TeacherCacheError(
                     f"teacher cache {self.path}: shard {file.name} listed in the manifest is missing"
                 )
             with safe_open(str(file), framework="pt") as handle:
-                keys = json.loads(handle.metadata()["keys"])
-            for row, key in enumerate(keys):
+                metadata = handle.metadata()
+            for row, key in enumerate(json.loads(metadata["keys"])):
                 self._index[key] = (shard_index, row)
+            for bad in json.loads(metadata.get("bad", "[]")):
+                reasons[bad["key"]] = bad["reason"]
+        # Manifests written before data.skipped_keys existed: the shards list the same keys.
+        listed = self.manifest["data"].get("skipped_keys", list(reasons))
+        self.skipped: dict[str, str] = {key: reasons.get(key, "unreadable") for key in listed}
         self._handles: dict[int, Any] = {}
         self._pca: dict[str, PcaBasis] | None = None
 
@@ -327,10 +335,17 @@ class TeacherCache:
 
     def _missing_key_error(self, key: str) -> TeacherCacheError:
         data = self.manifest["data"]
+        if key in self.skipped:
+            return TeacherCacheError(
+                f"sample key {key!r} has no features in the teacher cache {self.path}: its image could not be "
+                f"read when the cache was built ({self.skipped[key]}), but training has just read it, so the "
+                "image changed since. Build a new cache for this data with dinorankclip teacher-cache into a new "
+                "--out folder"
+            )
         return TeacherCacheError(
             f"sample key {key!r} is not in the teacher cache {self.path}, which contains {len(self)} keys from "
-            f"{data['path']!r}. Keys are image paths as written in the data table; rebuild the cache for this "
-            "data with dinorankclip teacher-cache"
+            f"{data['path']!r}. Keys are image paths as written in the data table; build a cache for this data "
+            "with dinorankclip teacher-cache into a new --out folder"
         )
 
     def lookup(self, keys: Sequence[str]) -> TeacherOutput:

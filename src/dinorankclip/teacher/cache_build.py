@@ -490,6 +490,7 @@ def build_teacher_cache(
             yield ordinal, key, source
 
     bad_examples: list[dict[str, str]] = []
+    skipped_keys: list[str] = []
     with ThreadPoolExecutor(settings.num_threads) as pool:
         for batch in _batches(pending(), settings.batch_size):
             views = list(pool.map(lambda item: _load_view(item[2], image_size), batch))
@@ -504,6 +505,7 @@ def build_teacher_cache(
                     continue
                 writer.add(ordinal, key, None, str(views[i]))
                 counts["bad"] += 1
+                skipped_keys.append(key)
                 if len(bad_examples) < MAX_BAD_EXAMPLES:
                     bad_examples.append({"key": key, "reason": str(views[i])})
                     logger.warning("Skipped sample %s: %s", key, views[i])
@@ -514,6 +516,7 @@ def build_teacher_cache(
 
     earlier_bad = writer.check_finished(streamed)
     counts["bad"] += len(earlier_bad)
+    skipped_keys += [bad["key"] for bad in earlier_bad]
     bad_examples = (bad_examples + earlier_bad)[:MAX_BAD_EXAMPLES]
     cached = sum(record["keys"] for record in writer.records.values())
     if cached == 0:
@@ -535,6 +538,9 @@ def build_teacher_cache(
             "cached": cached,
             "bad": counts["bad"],
             "bad_examples": bad_examples,
+            # Every unreadable key: training accepts data rows with these keys, because its loader skips
+            # their images as unreadable too.
+            "skipped_keys": sorted(skipped_keys),
         },
         "shards": [writer.records[index] for index in sorted(writer.records)],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -82,7 +82,8 @@ class CachedTeacher:
     """Read precomputed teacher features for ``batch["key"]`` from a cache written by ``teacher-cache``.
 
     The teacher is never built. The cache must come from the configured teacher (name, timm arguments, weights,
-    image size, blocks), and, when the training data is a table, must hold every key of it.
+    image size, blocks), and, when the training data is a table, must hold every key of it or list the key as
+    unreadable when it was built.
 
     Attributes:
         cache: the open cache.
@@ -110,17 +111,35 @@ class CachedTeacher:
             self.check_table_keys(cfg)
 
     def check_table_keys(self, cfg: Config) -> None:
-        """Raise unless every image key of the training table is in the cache, before training starts."""
+        """Raise unless every image key of the training table has features in the cache, before training starts.
+
+        A key that the cache build could not read is accepted while its image still cannot be read, because the
+        data loader then skips it as unreadable too (counted like any other bad sample).
+        """
         from ..data.csv_dataset import read_table
 
         rows = read_table(cfg.data.train, [cfg.data.filepath_column], separator=cfg.data.separator)
-        missing = self.cache.missing_keys(row[cfg.data.filepath_column] for row in rows)
+        absent = self.cache.missing_keys(row[cfg.data.filepath_column] for row in rows)
+        missing = [key for key in absent if key not in self.cache.skipped]
         if missing:
-            listed = ", ".join(repr(key) for key in missing[:MAX_KEYS_IN_MESSAGE])
-            more = f" and {len(missing) - MAX_KEYS_IN_MESSAGE} more" if len(missing) > MAX_KEYS_IN_MESSAGE else ""
             raise TeacherCacheError(
                 f"teacher cache {self.cache.path} lacks {len(missing)} image keys of data.train={cfg.data.train}: "
-                f"{listed}{more}. Rebuild the cache with dinorankclip teacher-cache --data {cfg.data.train}"
+                f"{_listed(missing)}. The cache was built from {self.cache.manifest['data']['path']!r}; build one "
+                f"for this table with dinorankclip teacher-cache --data {cfg.data.train} --out NEW_FOLDER"
+            )
+        skipped = [key for key in absent if key in self.cache.skipped]
+        readable = [key for key in skipped if _decodes(Path(cfg.data.train).parent / key)]
+        if readable:
+            raise TeacherCacheError(
+                f"teacher cache {self.cache.path} has no features for {len(readable)} images of "
+                f"data.train={cfg.data.train} that could not be read when it was built but can be read now: "
+                f"{_listed(readable)}. The images changed since the build; build a new cache with dinorankclip "
+                f"teacher-cache --data {cfg.data.train} --out NEW_FOLDER"
+            )
+        if skipped:
+            logger.info(
+                "%d images of data.train could not be read when the teacher cache was built and still cannot "
+                "(e.g. %r); training skips them as unreadable", len(skipped), skipped[0],
             )
 
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
@@ -133,6 +152,22 @@ class CachedTeacher:
             patch_levels=levels,
             grid_size=output.grid_size,
         )
+
+
+def _listed(keys: list[str]) -> str:
+    listed = ", ".join(repr(key) for key in keys[:MAX_KEYS_IN_MESSAGE])
+    return listed + (f" and {len(keys) - MAX_KEYS_IN_MESSAGE} more" if len(keys) > MAX_KEYS_IN_MESSAGE else "")
+
+
+def _decodes(path: Path) -> bool:
+    """Return True when the image at ``path`` decodes (a JPEG at 1/8 scale, which still reads the whole file)."""
+    from ..data.images import ImageDecodeError, load_image
+
+    try:
+        load_image(path, exif_transpose=False, min_size=1)
+    except ImageDecodeError:
+        return False
+    return True
 
 
 def build_teacher_source(
