@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["BACKGROUND", "ImageDecodeError", "decode_image", "load_image", "to_rgb"]
+__all__ = ["BACKGROUND", "ImageDecodeError", "decode_image", "load_image", "read_image_bytes", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +108,20 @@ def load_image(path: str | Path, *, exif_transpose: bool = True, min_size: int |
     Raises:
         ImageDecodeError: the file is missing, empty, truncated or not an image.
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageDecodeError(f"{path}: image file not found", "missing_file") from None
-    except OSError as err:
-        raise ImageDecodeError(f"{path}: cannot read image file ({err})", "read_error") from None
+    data = read_image_bytes(path)
     return decode_image(data, exif_transpose=exif_transpose, name=str(path), min_size=min_size)
+
+
+def read_image_bytes(path: str | Path, name: str | None = None) -> bytes:
+    """Read the bytes of an image file; ``name`` (default: the path) starts the error message.
+
+    Raises:
+        ImageDecodeError: the file is missing (kind ``missing_file``) or cannot be read (``read_error``).
+    """
+    name = str(path) if name is None else name
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{name}: image file not found", "missing_file") from None
+    except OSError as err:
+        raise ImageDecodeError(f"{name}: cannot read image file ({err.strerror or err})", "read_error") from None

@@ -21,7 +21,7 @@ from pathlib import Path
 from webdataset import TarWriter
 
 from .csv_dataset import read_table
-from .images import ImageDecodeError, decode_image
+from .images import ImageDecodeError, decode_image, read_image_bytes
 
 __all__ = ["PackResult", "image_extension", "pack_shards"]
 
@@ -69,12 +69,7 @@ def _read_image(path: Path, source: str) -> bytes:
     Raises:
         ImageDecodeError: the file is missing, unreadable, empty or not a decodable image.
     """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageDecodeError(f"{source}: image file not found", "missing_file") from None
-    except OSError as err:
-        raise ImageDecodeError(f"{source}: cannot read image file ({err.strerror or err})", "read_error") from None
+    data = read_image_bytes(path, name=source)
     # min_size=1 lets libjpeg decode a JPEG at 1/8 scale; other formats are decoded at full size.
     decode_image(data, exif_transpose=False, name=source, min_size=1)
     return data
