@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from dinorankclip.cli.main import main
 from dinorankclip.config import load_config
+from dinorankclip.train.distributed import resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +167,19 @@ def test_eval_on_non_safetensors_file(tmp_path, capsys):
     bogus.write_bytes(b"not a safetensors header")
     assert main(["eval", "--checkpoint", str(bogus), "--bundled-eval"]) == 2
     assert "not a readable safetensors file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "option", "fragment"), [
+    ("tpu", "train.device=", "train.device=tpu is invalid; use auto, cpu, cuda or cuda:N"),
+    ("gpu0", "--device", "--device gpu0 is invalid"),
+])
+def test_unknown_device_names_option(name, option, fragment):
+    with pytest.raises(ValueError) as err:
+        resolve_device(name, option=option)
+    assert fragment in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_gpu_names_option():
+    with pytest.raises(ValueError, match="train.device=cuda is invalid: CUDA is not available; use train.device=cpu"):
+        resolve_device("cuda")

@@ -68,6 +68,14 @@ def test_file_order_conflict_still_raises(tmp_path):
         ("train.precision=fp8", "bf16"),
         ("teacher.blocks=[1,2", "teacher.blocks=[1,2 is not valid YAML"),
         ("train.batch_size=1", "at least 2 pairs"),
+        ("train.lr=.inf", "expected a finite number"),
+        ("train.weight_decay=.nan", "train.weight_decay=nan is invalid"),
+        ("loss.rank_weight=.nan", "expected a finite number"),
+        ("train.grad_clip=-.inf", "train.grad_clip"),
+        ("model.init_logit_scale=.nan", "model.init_logit_scale"),
+        ("train.time_budget_minutes=.nan", "train.time_budget_minutes"),
+        ("model.context_length=2", "at least 3"),
+        ("data.separator=ab", "data.separator='ab'"),
     ],
 )
 def test_bad_override_names_key(override, fragment):

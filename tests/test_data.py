@@ -37,6 +37,22 @@ def test_missing_column_names_it(sample_data):
     assert "data.caption_column" in message
 
 
+def test_table_not_utf8_names_line(tmp_path):
+    table = tmp_path / "latin1.csv"
+    table.write_bytes(b"filepath,caption\na.jpg,a dog\nb.jpg,caf\xe9 terrace\n")
+    with pytest.raises(ValueError) as err:
+        read_table(table, ["filepath", "caption"])
+    message = str(err.value)
+    assert "line 3 is not valid UTF-8" in message
+    assert "0xe9" in message
+    assert "save it as UTF-8" in message
+
+
+def test_separator_must_be_one_character(tmp_path, sample_data):
+    with pytest.raises(ValueError, match="separator 'ab' is invalid"):
+        read_table(sample_data / "flickr8k" / "test.csv", ["filepath"], separator="ab")
+
+
 def test_missing_table_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         read_table(tmp_path / "nope.csv", ["filepath"])

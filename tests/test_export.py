@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 
 import open_clip
 import pytest
@@ -66,3 +68,12 @@ def test_export_cli(tmp_path, run_dir, capsys):
     config = json.loads((tmp_path / "x" / CONFIG_NAME).read_text())
     assert config["model_cfg"]["vision_cfg"]["image_size"] == 32
     assert set(config["preprocess_cfg"]) >= {"mean", "std"}
+
+
+def test_export_files_follow_umask(tmp_path, run_dir):
+    previous = os.umask(0o022)
+    os.umask(previous)
+    export_open_clip(run_dir / "model.safetensors", tmp_path / "x")
+    for name in (CONFIG_NAME, WEIGHTS_NAME, "dinorankclip_export.json"):
+        mode = stat.S_IMODE((tmp_path / "x" / name).stat().st_mode)
+        assert mode == 0o666 & ~previous, f"{name}: {oct(mode)}"

@@ -170,8 +170,10 @@ def test_stop_signal_writes_resumable_checkpoint(tmp_path, tiny_overrides, data_
             break
         time.sleep(0.05)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-2000:]
+    expected_code = 130 if signum == signal.SIGINT else 0
+    assert process.returncode == expected_code, stderr[-2000:]
     assert json.loads(stdout)["preempted"] is True
+    assert json.loads(stdout)["stop_signal"] == signal.Signals(signum).name
     assert not (tmp_path / "run" / "model.safetensors").exists()  # no final model from a stopped run
     latest = find_latest(tmp_path / "run")
     assert latest is not None and 2 <= _checkpoint_step(latest) < 10

@@ -14,6 +14,7 @@ from train_helpers import BAD_MEMBERS, one_thread, write_bad_shard, write_good_s
 from dinorankclip.cli.main import main as cli_main
 from dinorankclip.config import DataConfig, load_config
 from dinorankclip.data.loader import build_train_data
+from dinorankclip.data.pack import pack_shards
 from dinorankclip.data.shards import CaptionSpec, ShardPlan, ShardReader, expand_shards, shard_sizes
 from dinorankclip.data.transforms import PairedViews
 from dinorankclip.data.wds import SampleDecoder
@@ -335,6 +336,22 @@ def test_pack_rejects_existing_shards(tmp_path, sample_data, capsys):
     assert "--overwrite" in error
     assert (out / "sizes.json").read_text() == sizes_before
     assert shard_sizes(expand_shards(str(out / "shard-{000000..000002}.tar"))) == 7
+
+
+def test_pack_rejects_bad_prefix_and_file_out(tmp_path, sample_data):
+    table = _pack_table(tmp_path, sample_data, 2)
+    with pytest.raises(ValueError, match="shard prefix 'a/b' is invalid"):
+        pack_shards(table, tmp_path / "out", prefix="a/b")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("keep me")
+    with pytest.raises(ValueError, match="is an existing file"):
+        pack_shards(table, not_a_folder)
+    assert not_a_folder.read_text() == "keep me"
+
+
+def test_pack_missing_column_names_flag(tmp_path, sample_data):
+    with pytest.raises(ValueError, match="set --caption-column=<column>"):
+        pack_shards(_pack_table(tmp_path, sample_data, 2), tmp_path / "out", caption_column="text")
 
 
 def test_pack_overwrite_removes_stale_shards(tmp_path, sample_data, capsys):

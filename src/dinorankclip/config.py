@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_positive("model.image_size", self.image_size, allow_none=True)
         _check_positive("model.context_length", self.context_length, allow_none=True)
+        if self.context_length is not None and self.context_length < 3:
+            raise ConfigError(
+                f"model.context_length={self.context_length!r} is invalid; it must be at least 3 (the start token, "
+                "one caption token and the end token)"
+            )
         _check_positive("model.init_logit_scale", self.init_logit_scale)
         if self.max_logit_scale < self.init_logit_scale:
             raise ConfigError(
@@ -228,6 +234,10 @@ class DataConfig:
         _check_fraction("data.max_bad_fraction", self.max_bad_fraction)
         _check_positive("data.num_samples", self.num_samples, allow_none=True)
         _check_positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
+        if self.separator is not None and self.separator not in ("\\t", "tab") and len(self.separator) != 1:
+            raise ConfigError(
+                f"data.separator={self.separator!r} is invalid; give one character, or 'tab' (or '\\t') for tabs"
+            )
         if not [ext for ext in self.image_key.split(";") if ext.strip()]:
             raise ConfigError(f"data.image_key={self.image_key!r} is invalid; give extensions such as 'jpg;png'")
         for name in ("caption_key", "second_caption_key"):
@@ -446,9 +456,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is invalid; expected a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} is invalid; expected a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r} is invalid; expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}={value!r} is invalid; expected a string")

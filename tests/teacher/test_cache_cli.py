@@ -101,3 +101,23 @@ def test_train_on_table_with_images_the_cache_skipped(tmp_path, sample_data, tin
     assert records[-1]["samples_skipped"] == 4
     assert records[-1]["skipped_decode_error"] == 2
     assert records[-1]["skipped_empty_image"] == 2
+
+
+def test_shard_key_in_two_shards_rejected(tmp_path, sample_data, capsys):
+    """Two packs joined with :: both number their samples from 0, so their keys collide."""
+    source = sample_data / "flickr8k"
+    header, *rows = (source / "train.csv").read_text().splitlines()[:9]
+    table = tmp_path / "pairs.csv"
+    table.write_text("\n".join([header] + [f"{source}/{row}" for row in rows]) + "\n")
+    pack_shards(table, tmp_path / "a", shard_size=8)
+    pack_shards(table, tmp_path / "b", shard_size=8)
+    joined = f"{tmp_path / 'a' / 'shard-000000.tar'}::{tmp_path / 'b' / 'shard-000000.tar'}"
+
+    code = main(["teacher-cache", "--data", joined, "--out", str(tmp_path / "cache"), "--pca-dim", "8",
+                 *TEACHER_OVERRIDES])
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "sample key '000000000' occurs in shard" in message
+    assert "b/shard-000000.tar" in message
+    assert "unique key" in message
+    assert not (tmp_path / "cache" / "manifest.json").exists()

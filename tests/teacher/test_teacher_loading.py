@@ -557,3 +557,14 @@ def test_unknown_model_name_lists_allowed():
 def test_pretrained_kwarg_rejected():
     with pytest.raises(ValueError, match="pretrained"):
         build_teacher("vit_small_patch16_dinov3", "random", pretrained=True, **TINY_KWARGS)
+
+
+@pytest.mark.parametrize(("model_kwargs", "fragment"), [
+    ({"bogus": 1}, "bogus"),
+    ({"depth": -1}, "num_kv_heads"),  # timm checks the sizes with assert
+])
+def test_rejected_model_kwargs_name_key(model_kwargs, fragment):
+    with pytest.raises(ValueError) as err:
+        build_teacher("vit_small_patch16_dinov3", "random", **model_kwargs)
+    assert "rejected teacher.model_kwargs=" in str(err.value)
+    assert fragment in str(err.value)

@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
                                    "Flowers-102, DTD and CUB-200 subsets.")
     p.add_argument("--minutes", type=float, default=8.0, metavar="M",
                    help="training time budget in minutes (default 8; evaluation adds about one minute)")
-    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
+    p.add_argument("--out", default="runs/demo", metavar="DIR",
+                   help="output folder (default runs/demo); a demo run already in it is replaced")
     p.add_argument("--config", default="tiny-cpu", metavar="FILE", help="config file or preset (default tiny-cpu)")
     p.add_argument("--teacher-weights", metavar="PATH",
                    help="local DINOv3 weights for the teacher; without it the preset's teacher is random")

@@ -30,5 +30,8 @@ def run(args) -> int:
     overrides += [f"train.resume={args.resume}"] if args.resume else []
     cfg = load_config(args.config, overrides)
     summary = train(cfg)
-    print(json.dumps({k: summary[k] for k in ("run_dir", "steps", "seconds", "preempted") if k in summary}, indent=2))
-    return 0
+    keys = ("run_dir", "steps", "seconds", "preempted", "stop_signal")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
+    # Ctrl-C stops with a checkpoint but exits like an interrupted command (128 + SIGINT), so a script can tell
+    # it from a finished run; SIGTERM and SIGUSR1 (preemption) exit with 0.
+    return 130 if summary.get("stop_signal") == "SIGINT" else 0

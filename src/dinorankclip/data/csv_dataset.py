@@ -60,7 +60,11 @@ class BadSample:
 
 def _separator_for(path: Path, separator: str | None) -> str:
     if separator is not None:
-        return "\t" if separator in ("\\t", "tab") else separator
+        if separator in ("\\t", "tab"):
+            return "\t"
+        if len(separator) != 1:
+            raise ValueError(f"field separator {separator!r} is invalid; give one character, or 'tab' for tabs")
+        return separator
     return "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
 
 
@@ -81,23 +85,42 @@ def read_table(
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a required column is missing (the message lists the columns found) or the file is empty.
+        ValueError: a required column is missing (the message lists the columns found), the file is empty,
+            it is not UTF-8 (the message names the line) or ``separator`` is not one character.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist; give a CSV/TSV with columns {list(columns)}")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle, delimiter=_separator_for(path, separator))
-        found = reader.fieldnames or []
-        for column in columns:
-            if column not in found:
-                key = (config_keys or {}).get(column)
-                hint = f"; set {key}=<column> to use another column" if key else ""
-                raise ValueError(f"{path}: column {column!r} is missing; columns found: {found}{hint}")
-        rows = [row for row in reader]
+    delimiter = _separator_for(path, separator)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            found = reader.fieldnames or []
+            for column in columns:
+                if column not in found:
+                    key = (config_keys or {}).get(column)
+                    hint = f"; set {key}=<column> to use another column" if key else ""
+                    raise ValueError(f"{path}: column {column!r} is missing; columns found: {found}{hint}")
+            rows = [row for row in reader]
+    except UnicodeDecodeError:
+        raise ValueError(_encoding_error(path)) from None
     if not rows:
         raise ValueError(f"{path}: the table has a header but no rows")
     return rows
+
+
+def _encoding_error(path: Path) -> str:
+    """Return the message for a table that is not UTF-8, naming the line of its first invalid byte."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        return (
+            f"{path}: line {line} is not valid UTF-8 (byte 0x{data[err.start]:02x}); tables must be UTF-8, "
+            "so save it as UTF-8 (for example iconv -f latin1 -t utf-8 OLD > NEW for a Latin-1 file)"
+        )
+    return f"{path}: the table is not valid UTF-8; save it as UTF-8"
 
 
 def _split_key(key: int | tuple[int, int]) -> tuple[int, torch.Generator | None]:

@@ -140,15 +140,23 @@ def pack_shards(
             the old ones and a brace pattern could mix old and new shards.
 
     Raises:
-        ValueError: ``shard_size`` < 1, a missing column, or no readable image at all.
+        ValueError: ``shard_size`` < 1, an invalid ``prefix``, a missing column, ``out_dir`` is a file, or no
+            readable image at all.
         FileExistsError: ``out_dir`` already contains ``{prefix}-*.tar`` shards and ``overwrite`` is False.
     """
     if shard_size < 1:
         raise ValueError(f"shard size {shard_size} is invalid; give at least 1 sample per shard")
     table = Path(table)
     columns = [filepath_column, caption_column] + ([second_caption_column] if second_caption_column else [])
-    rows = read_table(table, columns, separator=separator)
+    if not re.fullmatch(r"[\w.-]+", prefix):
+        raise ValueError(f"shard prefix {prefix!r} is invalid; use letters, digits, '.', '_' and '-' only")
+    flags = {filepath_column: "--filepath-column", caption_column: "--caption-column"}
+    if second_caption_column:
+        flags[second_caption_column] = "--second-caption-column"
+    rows = read_table(table, columns, separator=separator, config_keys=flags)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {str(out)!r} is an existing file; give a folder path for the shards")
     existing = _existing_shards(out, prefix)
     if existing and not overwrite:
         names = ", ".join(path.name for path in existing[:3]) + (", ..." if len(existing) > 3 else "")

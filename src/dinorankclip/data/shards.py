@@ -65,11 +65,15 @@ def expand_shards(spec: str) -> list[str]:
     shards = [url for url in expand_urls(spec) if url]
     if not shards:
         raise ValueError(f"data.train={spec!r} expands to no shard; write e.g. data/shard-{{000000..000099}}.tar")
-    if not any(Path(url).is_file() for url in shards):
+    missing = [url for url in shards if not Path(url).is_file()]
+    if len(missing) == len(shards):
         raise FileNotFoundError(
             f"data.train={spec!r}: none of its {len(shards)} shards exists (first: {shards[0]}); "
             "check the path and the brace range"
         )
+    if missing:
+        logger.warning("%d of the %d shards of %s do not exist (first: %s); each pass counts them as skipped "
+                       "(skipped_missing_shard)", len(missing), len(shards), spec, missing[0])
     return shards
 
 

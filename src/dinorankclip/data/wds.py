@@ -208,8 +208,9 @@ class WorkerStream:
             if filling and self.buffer and self._epoch(item.slot) > self._epoch(self.buffer[0].slot):
                 self.capacity = len(self.buffer) + 1
                 logger.info(
-                    "Data worker %d: one pass over its shards has %d samples, fewer than data.shuffle_buffer=%d; "
-                    "shuffling over %d samples", self.worker, len(self.buffer), self.buffer_size, self.capacity,
+                    "Data worker %d: one pass over its shards has %d samples, fewer than data.shuffle_buffer=%d, "
+                    "so the buffer draws from %d samples (that pass and the first sample of the next)",
+                    self.worker, len(self.buffer), self.buffer_size, self.capacity,
                 )
             self.buffer.append(item)
             if len(self.buffer) < self.capacity:

@@ -24,7 +24,7 @@ import open_clip
 from safetensors.torch import save_file
 
 from ..models.trunk import register_bundled_configs
-from ..train.checkpoint import load_model, resolve_checkpoint
+from ..train.checkpoint import atomic_write, load_model, resolve_checkpoint
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_open_clip"]
 
@@ -67,9 +67,9 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path) -> dict[str, A
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.trunk.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
-                                   + "\n")
+    # Each file is renamed into place with the umask's permissions (safetensors 0.8 writes owner-only files).
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    _write_json(out / CONFIG_NAME, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
     info = {
         "source_checkpoint": str(file),
         "trunk": cfg.model.trunk,
@@ -82,6 +82,10 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path) -> dict[str, A
                 "(dinorankclip eval --checkpoint on the original run)." if cfg.fusion.enabled else
                 "Trunk only; this checkpoint has no fusion, so the exported embeddings are the model's embeddings.",
     }
-    (out / "dinorankclip_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    _write_json(out / "dinorankclip_export.json", info)
     logger.info("Exported the %s trunk of %s to %s", cfg.model.trunk, file, out)
     return info
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))

@@ -132,7 +132,10 @@ class DinoRankCLIP(nn.Module):
             return out
         if self.student_image is not None:
             if teacher_view is None:
-                raise ValueError("this model injects through the student and needs batch['teacher_view']")
+                raise ValueError(
+                    "this model injects through the student and needs teacher_view, the image at the teacher's "
+                    "size (batch['teacher_view'] in training)"
+                )
             levels, student_global = self.student_image(teacher_view)
             out["student_patch_levels"] = levels
             out["student_global"] = student_global

@@ -48,8 +48,12 @@ def _create_model(model_name: str, model_kwargs: dict[str, Any]) -> nn.Module:
     try:
         # pretrained=False: timm never downloads anything; weights come from load_teacher_weights.
         return timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
-    except TypeError as error:
-        raise TypeError(f"teacher model {model_name!r} rejected model_kwargs {model_kwargs}: {error}") from error
+    except (TypeError, AssertionError, ValueError) as error:
+        # timm reports unknown arguments as TypeError and inconsistent sizes (depth=-1) through assert.
+        reason = str(error) or type(error).__name__
+        raise ValueError(
+            f"teacher model {model_name!r} rejected teacher.model_kwargs={model_kwargs}: {reason}"
+        ) from error
 
 
 def build_teacher(

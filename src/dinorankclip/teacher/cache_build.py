@@ -586,7 +586,8 @@ def shard_samples(
 ) -> Iterator[tuple[str, Callable[[], Image.Image]]]:
     """Yield the ``(key, image loader)`` pairs of WebDataset shards, shard by shard in the listed order.
 
-    The key is the sample's ``__key__``, as in the training batches' ``key``. Shards are read once, without
+    The key is the sample's ``__key__``, as in the training batches' ``key``, so keys must be unique across the
+    shards (a repeat within one shard is a duplicate that training skips too). Shards are read once, without
     shuffling, with the trainer's shard reader. A sample that the reader or the loader cannot use (no image
     member, undecodable image, truncated tar) gives a loader that raises ``ImageDecodeError``.
 
@@ -595,13 +596,25 @@ def shard_samples(
         image_keys: image member extensions, first match wins (``data.image_key``).
         caption_key: caption member (``data.caption_key``); the reader rejects shards without captions.
         exif_transpose: apply EXIF orientation.
+
+    Raises:
+        TeacherCacheError: a key occurs in two shards.
     """
     caption = CaptionSpec.parse(caption_key)
-    for url in expand_shards(spec):
+    urls = expand_shards(spec)
+    first_shard: dict[str, int] = {}  # shard index of each key's first sample
+    for shard_index, url in enumerate(urls):
         reader = ShardReader(ShardPlan([url], seed=0, num_workers=1), 0, caption)
         for item in reader:
             if reader.slot > 0:  # the endless reader moved on to this shard's next epoch
                 break
+            if item.key is not None and first_shard.setdefault(item.key, shard_index) != shard_index:
+                raise TeacherCacheError(
+                    f"sample key {item.key!r} occurs in shard {urls[first_shard[item.key]]} and again in shard "
+                    f"{url}. The cache stores features by sample key, so one key would get another image's "
+                    "features; give every sample of the data a unique key, for example by writing the shards "
+                    "with dinorankclip data pack, which numbers the rows across all shards"
+                )
             if isinstance(item, BadSample):
                 if item.key is None:
                     logger.warning("Skipped part of shard %s: %s", url, item.reason)
@@ -628,6 +641,6 @@ def _check_bad_fraction(counts: Mapping[str, int], max_bad_fraction: float) -> N
     processed = counts["encoded"] + counts["bad"]
     if processed >= MIN_SAMPLES_FOR_BAD_CHECK and counts["bad"] / processed > max_bad_fraction:
         raise ValueError(
-            f"{counts['bad']} of {processed} images could not be read, more than max_bad_fraction="
+            f"{counts['bad']} of {processed} images could not be read, more than data.max_bad_fraction="
             f"{max_bad_fraction}; fix the data or raise the limit"
         )

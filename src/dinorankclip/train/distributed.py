@@ -78,9 +78,12 @@ def resolve_device(name: str, local_rank: int = 0, *, option: str = "train.devic
     """
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    sep = "" if option.endswith("=") else " "
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{option}{sep}{name} is invalid; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        sep = "" if option.endswith("=") else " "
         raise ValueError(f"{option}{sep}{name} is invalid: CUDA is not available; use {option}{sep}cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")

@@ -188,12 +188,14 @@ class _StopSignal:
 
     def __init__(self) -> None:
         self.received = False
+        self.signal_name: str | None = None  # the first stop signal this process received
         self.previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.received:
             raise KeyboardInterrupt
         self.received = True
+        self.signal_name = signal.Signals(signum).name
         hint = "; press Ctrl-C again to stop at once without it" if signum == signal.SIGINT else ""
         logger.warning("Received %s: saving a checkpoint after the current step%s", signal.Signals(signum).name,
                        hint)
@@ -538,6 +540,8 @@ class _Run:
             "seconds": self.elapsed_before + time.perf_counter() - started,
             "nonfinite_steps": self.nonfinite_total,
             "preempted": preempted,
+            # None when another process of the job got the signal; the CLI exits with 130 after SIGINT.
+            "stop_signal": self.stop.signal_name if preempted else None,
             "run_dir": str(self.run_dir),
             "resumed_from": str(self.resume_from) if self.resume_from else None,
             **self.counters.metrics(),
