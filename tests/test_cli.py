@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
 from dinorankclip.cli.main import main
@@ -183,3 +184,17 @@ def test_unknown_device_names_option(name, option, fragment):
 def test_cuda_without_gpu_names_option():
     with pytest.raises(ValueError, match="train.device=cuda is invalid: CUDA is not available; use train.device=cpu"):
         resolve_device("cuda")
+
+
+def test_overrides_around_options(capsys):
+    assert main(["config", "train.steps=7", "--config", "tiny-cpu", "loss.order=2", "train.steps=9"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["steps"] == 9  # the later override wins
+    assert printed["loss"]["order"] == 2
+
+
+def test_unknown_option_still_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["config", "loss.order=2", "--config", "tiny-cpu", "--bogus", "train.steps=3"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

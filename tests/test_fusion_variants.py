@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from dinorankclip.config import load_config
+from dinorankclip.eval.runner import build_encoder
 from dinorankclip.train.checkpoint import load_model
-from dinorankclip.train.trainer import train
+from dinorankclip.train.teacher_source import build_teacher_source
+from dinorankclip.train.trainer import seed_everything, train
 
 VARIANTS = ["full", "no_pyramid", "no_channel_spatial", "image_only", "no_refiner", "no_gate", "none"]
 DISTILL_TERMS = {"gram", "relational", "text_align"}
@@ -58,6 +61,23 @@ def test_teacher_injection_trains_and_evaluates(tmp_path, tiny_overrides, sample
     model, _ = load_model(tmp_path / "run")
     assert model.student_image is None
     assert model.fusion is not None
+
+    # Evaluation rebuilds the random teacher that training used, and --teacher-weights replaces its path.
+    first, _ = build_encoder(tmp_path / "run", torch.device("cpu"))
+    second, cfg = build_encoder(tmp_path / "run", torch.device("cpu"))
+    trained = first.teacher.teacher.model.state_dict()
+    seed_everything(cfg.train.seed)
+    online, _ = build_teacher_source(cfg, torch.device("cpu"))
+    for name, tensor in trained.items():
+        torch.testing.assert_close(second.teacher.teacher.model.state_dict()[name], tensor, rtol=0, atol=0)
+        torch.testing.assert_close(online.teacher.model.state_dict()[name], tensor, rtol=0, atol=0)
+
+    moved = tmp_path / "moved_teacher.safetensors"
+    changed = {name: tensor + 1 for name, tensor in trained.items()}
+    safetensors.torch.save_file(changed, str(moved))
+    third, _ = build_encoder(tmp_path / "run", torch.device("cpu"), teacher_weights=str(moved))
+    for name, tensor in changed.items():
+        torch.testing.assert_close(third.teacher.teacher.model.state_dict()[name], tensor, rtol=0, atol=0)
 
 
 def test_gate_output_none_without_gate(tiny_overrides):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from dinorankclip.cli.main import main
 from dinorankclip.config import ConfigError, EvalConfig
 from dinorankclip.studies.runner import run_study
 from dinorankclip.studies.specs import get_preset, study_runs
+from dinorankclip.train.resume import find_latest
 
 
 def test_order_sweep_runs():
@@ -125,6 +130,32 @@ def test_baselines_command(tmp_path, sample_data, tiny_overrides, capsys):
     alip_config = (out / "runs" / "alip" / "config.yaml").read_text()
     assert "second_caption_column: caption2" in alip_config
     assert "train_pairs.csv" in alip_config
+
+
+def test_ctrl_c_stops_study_resumably(tmp_path, sample_data, tiny_overrides, capsys):
+    pairs, dtd = _small_sets(tmp_path, sample_data)
+    out = tmp_path / "sweep"
+    metrics = out / "runs" / "order0" / "metrics.jsonl"
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)  # the trainer's handler turns the first Ctrl-C into a stop
+
+    sender = threading.Thread(target=interrupt)
+    sender.start()
+    args = ["study", "order-sweep", "--out", str(out), "--steps", "400", "--device", "cpu",
+            "--retrieval", str(pairs), *tiny_overrides, "train.log_every=1", "train.checkpoint_every=0"]
+    code = main(args)
+    sender.join()
+    assert code == 130
+    error = capsys.readouterr().err
+    assert "interrupted: run order0 stopped at step" in error
+    assert "rerun the same study command" in error
+    assert find_latest(out / "runs" / "order0") is not None  # the stop wrote a checkpoint
+    assert not (out / "runs" / "order0" / "model.safetensors").exists()
+    assert not (out / "runs" / "order1").exists()
 
 
 def test_plan_commands_match_study_configs(tmp_path, tiny_overrides):

@@ -31,6 +31,13 @@ def test_clip_loss_rejects_mismatched_shapes():
         clip_loss(img, txt[:3], 10.0)
 
 
+def test_clip_loss_rejects_empty_and_integer_features():
+    with pytest.raises(ValueError, match="batch size 0"):
+        clip_loss(torch.zeros(0, 8), torch.zeros(0, 8), 10.0)
+    with pytest.raises(ValueError, match="must be a floating-point tensor, got torch.int64"):
+        clip_loss(torch.ones(4, 8, dtype=torch.long), torch.ones(4, 8), 10.0)
+
+
 def _cyclic_loop(img, txt):
     num = img.shape[0]
     in_modal = cross_modal = 0.0

@@ -323,6 +323,41 @@ def test_missing_file_names_path_and_formats(tmp_path):
         assert fmt in message
 
 
+def _damaged_files(tmp_path: Path) -> dict[str, Path]:
+    model = make_tiny_model("vit_small_patch16_dinov3")
+    good_pth, good_st = tmp_path / "good.pth", tmp_path / "good.safetensors"
+    torch.save(model.state_dict(), good_pth)
+    safetensors.torch.save_file(model.state_dict(), str(good_st))
+    files = {
+        "empty.pth": b"",
+        "random.pth": bytes(range(256)) * 20,
+        "truncated.pth": good_pth.read_bytes()[: good_pth.stat().st_size // 2],
+        "random.safetensors": bytes(range(256)) * 2,
+        "truncated.safetensors": good_st.read_bytes()[: good_st.stat().st_size // 2],
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in files}
+
+
+@pytest.mark.parametrize(
+    "name", ["empty.pth", "random.pth", "truncated.pth", "random.safetensors", "truncated.safetensors"]
+)
+def test_damaged_weights_file_named(tmp_path, name):
+    path = _damaged_files(tmp_path)[name]
+    with pytest.raises(ValueError) as error:
+        build_teacher("vit_small_patch16_dinov3", path, **TINY_KWARGS)
+    message = str(error.value)
+    assert str(path) in message
+    assert "empty" in message or "truncated or corrupt" in message
+    assert "weights_only" not in message  # not mistaken for a pickle with foreign objects
+
+
+def test_empty_weights_folder_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="teacher weights folder .* is empty"):
+        build_teacher("vit_small_patch16_dinov3", tmp_path, **TINY_KWARGS)
+
+
 class NotATensor:
     """A pickled object that ``torch.load(weights_only=True)`` must reject."""
 

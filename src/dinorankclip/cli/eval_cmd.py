@@ -95,6 +95,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per batch (default 256)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="data loader processes (default 2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--teacher-weights", metavar="PATH",
+                   help="teacher weights for a checkpoint trained with fusion.injection_source=teacher, in place of "
+                        "the teacher.weights path saved with it (other checkpoints need no teacher)")
     p.add_argument("--out", metavar="PATH",
                    help="a .json file for all records, or a folder that receives one JSON per record, all.json "
                         "and the modality-gap plot (default: print only)")
@@ -122,7 +125,7 @@ def run(args) -> int:
         folder = out.parent if out.suffix.lower() == ".json" else out
 
     device = resolve_device(args.device, option="--device")
-    encoder, _ = build_encoder(args.checkpoint, device)
+    encoder, _ = build_encoder(args.checkpoint, device, teacher_weights=args.teacher_weights)
     checkpoint = Path(args.checkpoint)
     model_name = checkpoint.parent.name if checkpoint.is_file() else checkpoint.name
     records = evaluate(encoder, eval_cfg, model_name=model_name, num_workers=args.workers,

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     _setup_logging(args.verbose)
     commands = {command.NAME: command.run for command in COMMANDS}
     try:
@@ -74,6 +74,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dinorankclip {args.command}: error: {_message(err)}\n"
               "(add --traceback before the command for details)", file=sys.stderr)
         return 2
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, accepting KEY=VALUE overrides on both sides of a command's options.
+
+    argparse takes one contiguous group of positionals, so ``train a=1 --out X b=2`` leaves ``b=2`` over; such
+    leftovers join the overrides in command-line order, so a later override still wins.
+    """
+    args, extra = parser.parse_known_args(argv)
+    unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
+    if extra and not unknown and isinstance(getattr(args, "overrides", None), list):
+        args.overrides = args.overrides + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    return args
 
 
 def _message(err: Exception) -> str:

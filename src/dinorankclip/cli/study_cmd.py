@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..config import list_presets, load_config
 from .common import OVERRIDE_HELP
 
@@ -53,7 +55,7 @@ def _add_study_parser(p) -> None:
 
 
 def run(args) -> int:
-    from ..studies.runner import plan_study, run_study
+    from ..studies.runner import StudyInterrupted, plan_study, run_study
     from ..studies.specs import get_preset
     from .eval_cmd import eval_config_from_args
 
@@ -68,10 +70,14 @@ def run(args) -> int:
     if args.zeroshot or args.retrieval or args.probe or args.modality_gap or args.bundled_eval:
         batch_size = load_config(get_preset(args.preset).config, list(args.overrides)).eval.batch_size
         eval_cfg, skipped = eval_config_from_args(args, batch_size=batch_size)
-    summary = run_study(args.study, out=args.out, preset=args.preset, steps=args.steps,
-                        overrides=list(args.overrides), teacher_weights=args.teacher_weights,
-                        second_caption_column=args.second_caption_column, eval_cfg=eval_cfg, skipped=skipped,
-                        device=args.device, num_workers=args.workers, reevaluate=args.reevaluate)
+    try:
+        summary = run_study(args.study, out=args.out, preset=args.preset, steps=args.steps,
+                            overrides=list(args.overrides), teacher_weights=args.teacher_weights,
+                            second_caption_column=args.second_caption_column, eval_cfg=eval_cfg, skipped=skipped,
+                            device=args.device, num_workers=args.workers, reevaluate=args.reevaluate)
+    except StudyInterrupted as stopped:
+        print(f"dinorankclip study: interrupted: {stopped}", file=sys.stderr)
+        return 130 if stopped.signal_name == "SIGINT" else 0  # as dinorankclip train
     print(f"{args.study}: {len(summary['runs'])} runs in {summary['wall_seconds_this_invocation'] / 60:.1f} min; "
           f"report: {args.out}/report.md")
     return 0

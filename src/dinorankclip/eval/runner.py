@@ -8,6 +8,7 @@ because it is not available gets a record with empty metrics and a ``skipped`` r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Iterable
@@ -47,11 +48,17 @@ TASK_NAMES = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retr
               "modality_gap": "modality_gap"}
 
 
-def build_encoder(checkpoint: str | Path, device: torch.device):
+def build_encoder(checkpoint: str | Path, device: torch.device, *, teacher_weights: str | None = None):
     """Load a checkpoint for evaluation.
 
     The teacher is built only when the model injects teacher tokens directly
     (``fusion.injection_source=teacher``); a student-injection model runs without it.
+
+    Args:
+        checkpoint: run folder or ``model.safetensors``.
+        device: where to run.
+        teacher_weights: teacher weights to use instead of the ``teacher.weights`` path saved in the checkpoint's
+            config (for weights that moved since training).
 
     Returns:
         (encoder, config) of the checkpoint.
@@ -64,7 +71,15 @@ def build_encoder(checkpoint: str | Path, device: torch.device):
     if cfg.fusion.enabled and cfg.fusion.injection_source == "teacher":
         from ..train.teacher_source import OnlineTeacher
 
-        teacher = OnlineTeacher(cfg, device)
+        if teacher_weights is not None:
+            cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, weights=teacher_weights))
+        # Training seeds torch with train.seed right before it builds the teacher, so random weights
+        # (teacher.weights=random) come out the same here as in training.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            teacher = OnlineTeacher(cfg, device)
+    elif teacher_weights is not None:
+        logger.warning("--teacher-weights is unused: this model injects through its student and needs no teacher")
     return Encoder(model, build_tokenizer(model.spec), device, teacher), cfg
 
 

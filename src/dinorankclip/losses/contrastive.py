@@ -64,6 +64,11 @@ def _check_pair(image_features: Tensor, text_features: Tensor, other: str = "tex
             f"image_features and {other} must both be [B, E] with the same shape, got "
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
+    if image_features.shape[0] == 0:
+        raise ValueError("image_features and text_features are empty (batch size 0); a contrastive loss needs pairs")
+    for name, tensor in (("image_features", image_features), (other, text_features)):
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
 def pair_logits(

@@ -30,9 +30,19 @@ from ..eval.runner import build_encoder, evaluate
 from .report import write_report
 from .specs import RunSpec, get_preset, study_runs
 
-__all__ = ["is_finished", "plan_study", "run_study"]
+__all__ = ["StudyInterrupted", "is_finished", "plan_study", "run_study"]
 
 logger = logging.getLogger(__name__)
+
+
+class StudyInterrupted(Exception):
+    """A stop signal ended a run's training after a checkpoint; rerunning the study continues from it."""
+
+    def __init__(self, run: str, signal_name: str | None, step: int, total_steps: int) -> None:
+        super().__init__(f"run {run} stopped at step {step} of {total_steps} on {signal_name or 'a stop signal'}; "
+                         "rerun the same study command to continue from its checkpoint")
+        self.run = run
+        self.signal_name = signal_name
 
 # Config keys that may differ between a finished run and a rerun without changing what was trained.
 _IGNORED_KEYS = {"train.output_dir", "train.device", "train.resume", "data.num_workers", "train.tensorboard",
@@ -203,6 +213,9 @@ def run_study(study: str, *, out: str | Path, preset: str = "tiny-cpu", steps: i
     for run in runs:
         run_started = time.perf_counter()
         state = _train_run(run, configs[run.name])
+        if state.get("preempted"):
+            raise StudyInterrupted(run.name, state.get("stop_signal"), int(state["steps"]),
+                                   int(state["total_steps"]))
         records, eval_seconds = _evaluate_run(run, configs[run.name], eval_cfg, skipped or {}, out,
                                               device=resolve_device(device), num_workers=num_workers,
                                               reevaluate=reevaluate)

@@ -90,6 +90,11 @@ class DinoV3Architecture:
 def read_hf_config(folder: Path) -> dict[str, Any]:
     """Read ``config.json`` from a Hugging Face model folder and check that it describes a DINOv3 ViT."""
     config_path = folder / "config.json"
+    if folder.is_dir() and not any(folder.iterdir()):
+        raise FileNotFoundError(
+            f"teacher weights folder {folder} is empty; give a weights file or a Hugging Face DINOv3 folder "
+            f"(config.json + {HF_WEIGHTS_FILE})"
+        )
     if not config_path.is_file():
         raise FileNotFoundError(
             f"{folder}: a Hugging Face DINOv3 folder needs config.json next to {HF_WEIGHTS_FILE}; not found"

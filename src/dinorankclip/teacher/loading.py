@@ -21,6 +21,7 @@ from typing import Literal
 
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from timm.models.eva import checkpoint_filter_fn
 from torch import nn
 
@@ -58,20 +59,40 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def _corrupt_file_message(path: Path, error: BaseException) -> str:
+    if isinstance(error, pickle.UnpicklingError):
+        reason = "not a torch checkpoint"  # torch's own message only suggests weights_only=False
+    else:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"{path}: not a readable weights file; it may be truncated or corrupt ({reason[:200]}). "
+        f"Download or copy it again. Accepted formats: {ACCEPTED_FORMATS}"
+    )
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` file or a torch pickle (with ``weights_only=True``) into a CPU state dict."""
     suffix = path.suffix.lower()
+    if suffix in (".safetensors", *TORCH_PICKLE_SUFFIXES) and path.stat().st_size == 0:
+        raise ValueError(f"{path}: the weights file is empty (0 bytes); download or copy it again")
     if suffix == ".safetensors":
-        return safetensors.torch.load_file(str(path), device="cpu")
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except SafetensorError as error:
+            raise ValueError(_corrupt_file_message(path, error)) from error
     if suffix in TORCH_PICKLE_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
+            if "Unsupported global" not in str(error):  # not a pickle at all, e.g. random or HTML bytes
+                raise ValueError(_corrupt_file_message(path, error)) from error
             raise ValueError(
                 f"{path}: torch.load(weights_only=True) rejected the file because it contains objects other than "
                 f"tensors and plain containers. Re-save only the state dict, e.g. "
                 f"torch.save(model.state_dict(), path). Loader message: {error}"
             ) from error
+        except (EOFError, RuntimeError) as error:  # a truncated pickle or zip archive
+            raise ValueError(_corrupt_file_message(path, error)) from error
         return _unwrap_state_dict(obj, path)
     raise ValueError(f"{path}: unknown weights file type {suffix!r}. Accepted formats: {ACCEPTED_FORMATS}")
 
@@ -200,7 +221,10 @@ def load_teacher_weights(model: nn.Module, path: Path) -> WeightsLayout:
         raise FileNotFoundError(f"teacher weights not found: {path}. Accepted formats: {ACCEPTED_FORMATS}")
 
     if path.is_dir():
-        hf_state_dict = hf_format.read_hf_state_dict(path)
+        try:
+            hf_state_dict = hf_format.read_hf_state_dict(path)
+        except SafetensorError as error:
+            raise ValueError(_corrupt_file_message(path, error)) from error
         state_dict = hf_format.convert_hf_state_dict(hf_state_dict, model, path)
         layout: WeightsLayout = "huggingface"
     else:
