@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv``, accepting KEY=VALUE overrides on both sides of a command's options.
 
-    argparse takes one contiguous group of positionals, so ``train a=1 --out X b=2`` leaves ``b=2`` over; such
-    leftovers join the overrides in command-line order, so a later override still wins.
+    argparse takes only one contiguous group of positionals, so in ``train a=1 --out X b=2`` it leaves ``b=2``
+    unparsed. Such leftovers join the overrides in command-line order, and a later override still wins.
     """
     args, extra = parser.parse_known_args(argv)
     unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
