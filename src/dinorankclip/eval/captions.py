@@ -30,6 +30,7 @@ class CaptionedImages(Dataset):
         text_to_image: [T] index into ``files`` for each caption.
         split: the split that was read, or None for a CSV (read whole).
         source: the file the captions came from.
+        image_root: the folder image paths were resolved against.
     """
 
     def __init__(self, path: str | Path, *, transform: Callable | None, filepath_column: str = "filepath",
@@ -48,16 +49,27 @@ class CaptionedImages(Dataset):
                 files.append(file)
             texts.append(row[caption_column] or "")
             owners.append(position[file])
-        self._set(files, texts, owners, transform=transform, split=None, source=str(path))
+        self._set(files, texts, owners, transform=transform, split=None, source=str(path), image_root=path.parent)
 
     def _set(self, files: list[str], texts: list[str], owners: list[int], *, transform: Callable | None,
-             split: str | None, source: str) -> None:
+             split: str | None, source: str, image_root: Path) -> None:
         self.files = files
         self.texts = texts
         self.text_to_image = torch.tensor(owners, dtype=torch.long)
         self.transform = transform
         self.split = split
         self.source = source
+        self.image_root = image_root
+
+    def path_hint(self) -> str:
+        """Say where the images were looked for and which option moves that folder, for error messages."""
+        example = f", e.g. {self.files[0]}" if self.files else ""
+        if self.split is None:
+            return (f"Relative image paths of a caption table are resolved against its folder {self.image_root}"
+                    f"{example}; fix the filepath column or the files.")
+        return (f"Images of a Karpathy JSON are looked up as IMAGE_FOLDER/filepath/filename with IMAGE_FOLDER "
+                f"{self.image_root}{example}; give the image folder with --retrieval-images "
+                "(eval.retrieval_image_root).")
 
     @classmethod
     def from_csv(cls, path: str | Path, **kwargs: Any) -> CaptionedImages:
@@ -93,7 +105,7 @@ class CaptionedImages(Dataset):
                 texts.append(sentence["raw"] if "raw" in sentence else " ".join(sentence["tokens"]))
                 owners.append(image_index)
         dataset = cls.__new__(cls)
-        dataset._set(files, texts, owners, transform=transform, split=split, source=str(path))
+        dataset._set(files, texts, owners, transform=transform, split=split, source=str(path), image_root=root)
         return dataset
 
     def __len__(self) -> int:

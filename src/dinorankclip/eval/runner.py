@@ -22,7 +22,7 @@ from ..data.loader import build_eval_loader
 from ..data.transforms import PairedViews
 from .captions import CaptionedImages, open_captions
 from .datasets import canonical_name, open_labelled
-from .features import Encoder
+from .features import Encoder, check_unreadable
 from .modality_gap import run_modality_gap
 from .probe import run_probe
 from .prompts import resolve_prompts
@@ -78,7 +78,7 @@ def eval_views(model) -> PairedViews:
 
 def run_zeroshot(encoder: Encoder, name: str, source: str | Path, *, transform, batch_size: int = 256,
                  num_workers: int = 0, templates_file: str | None = None, prompts_json: str | None = None,
-                 split: str = "test") -> dict[str, Any]:
+                 split: str = "test", max_bad_fraction: float = 0.05) -> dict[str, Any]:
     """Zero-shot classification on a labels CSV or a dataset folder (see :func:`~.datasets.open_labelled`)."""
     labelled = open_labelled(name, source, split=split, transform=transform)
     names_file = Path(source).parent / "classnames.txt" if Path(source).is_file() else None
@@ -88,21 +88,28 @@ def run_zeroshot(encoder: Encoder, name: str, source: str | Path, *, transform, 
                               dataset_templates_file=labelled.templates_file)
     workers = 0 if isinstance(labelled.dataset, torch.utils.data.IterableDataset) else num_workers
     loader = build_eval_loader(labelled.dataset, batch_size=batch_size, num_workers=workers)
-    metrics = zeroshot_classify(encoder, loader, prompts, name=name, batch_size=batch_size)
+    metrics = zeroshot_classify(encoder, loader, prompts, name=name, batch_size=batch_size,
+                                max_bad_fraction=max_bad_fraction, source=str(source))
     metrics.update(acc1=metrics["top1"], acc5=metrics["top5"], layout=labelled.layout, source=str(source),
                    split=split if labelled.layout != "image_folder" else None)
     return metrics
 
 
 def run_retrieval(encoder: Encoder, source: str | Path, *, transform, batch_size: int = 256,
-                  num_workers: int = 0, split: str = "test", image_root: str | None = None) -> dict[str, Any]:
-    """Retrieval on a caption CSV or one split of a Karpathy JSON, with one or more captions per image."""
+                  num_workers: int = 0, split: str = "test", image_root: str | None = None,
+                  max_bad_fraction: float = 0.05) -> dict[str, Any]:
+    """Retrieval on a caption CSV or one split of a Karpathy JSON, with one or more captions per image.
+
+    Raises:
+        ValueError: more than ``max_bad_fraction`` of the images are unreadable; the message shows a path
+            that was tried and the option that sets the image folder.
+    """
     dataset = open_captions(source, split=split, image_root=image_root, transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate_samples)
     feats = encoder.images(loader, desc="retrieval")
-    if "image_features" not in feats:
-        raise ValueError(f"retrieval: no readable images in {source}")
+    check_unreadable(feats, desc=f"retrieval on {source}", max_bad_fraction=max_bad_fraction,
+                     hint=dataset.path_hint())
     # Captions of unreadable images are dropped and image indices renumbered to the embedded rows.
     kept = feats["index"]
     remap = torch.full((len(dataset),), -1, dtype=torch.long)
@@ -117,7 +124,7 @@ def run_retrieval(encoder: Encoder, source: str | Path, *, transform, batch_size
         result[f"image_retrieval_recall@{k[2:]}"] = value
     for k, value in result["image_to_text"].items():
         result[f"text_retrieval_recall@{k[2:]}"] = value
-    result.update(source=str(source), split=dataset.split, num_images_skipped=len(dataset) - int(kept.numel()))
+    result.update(source=str(source), split=dataset.split, num_images_skipped=feats["num_images_skipped"])
     return result
 
 
@@ -161,7 +168,8 @@ def evaluate(encoder: Encoder, cfg: EvalConfig, *, model_name: str, num_workers:
         raise ValueError(f"unknown evaluation task {sorted(unknown)[0]!r}; allowed tasks: {', '.join(TASKS)}")
     transform = eval_views(encoder.model)
     records = []
-    common = {"transform": transform, "batch_size": cfg.batch_size, "num_workers": num_workers}
+    common = {"transform": transform, "batch_size": cfg.batch_size, "num_workers": num_workers,
+              "max_bad_fraction": cfg.max_bad_fraction}
 
     if "zeroshot" in chosen:
         for name, source in cfg.zeroshot.items():
