@@ -15,6 +15,7 @@ from dinorankclip.config import ConfigError, EvalConfig, load_config
 from dinorankclip.eval.features import Encoder
 from dinorankclip.eval.modality_gap import run_modality_gap
 from dinorankclip.eval.probe import run_probe
+from dinorankclip.eval.prompts import resolve_prompts
 from dinorankclip.eval.runner import eval_views, evaluate, run_retrieval, run_zeroshot
 from dinorankclip.models.dinorankclip import build_model
 from dinorankclip.models.trunk import build_tokenizer
@@ -169,3 +170,31 @@ def test_karpathy_images_not_found_hint(tmp_path, sample_data, encoder, transfor
     assert "none of the 4 images could be read" in message
     assert str(tmp_path / "images" / _karpathy(tmp_path, sample_data, 1)[0]["filename"]) in message
     assert "--retrieval-images" in message
+
+
+# Templates
+
+
+@pytest.mark.parametrize(("template", "reason"), [
+    ("a {c} in {place}", "unknown placeholder {place}"),
+    ("a {c} :-{", "Single '{'"),
+    ("a {c} number {0}", "Replacement index 0"),
+    ("no placeholder here", "no class placeholder"),
+])
+def test_invalid_template_names_file_and_line(tmp_path, template, reason):
+    path = tmp_path / "templates.txt"
+    path.write_text(f"a photo of a {{c}}.\n\n{template}\n")
+    with pytest.raises(ValueError) as caught:
+        resolve_prompts("cifar10", templates_file=path)
+    message = str(caught.value)
+    assert f"{path}, line 3" in message
+    assert repr(template) in message
+    assert reason in message
+    assert "--templates" in message
+
+
+def test_missing_template_file_names_option(tmp_path, sample_data, no_encoding):
+    cfg = EvalConfig(zeroshot={"dtd": str(sample_data / "dtd" / "labels.csv")},
+                     templates=str(tmp_path / "absent.txt"))
+    with pytest.raises(FileNotFoundError, match=r"--templates \(eval.templates\) '.*absent.txt'"):
+        evaluate(no_encoding, cfg, model_name="tiny")

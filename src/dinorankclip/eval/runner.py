@@ -25,7 +25,7 @@ from .datasets import canonical_name, open_labelled
 from .features import Encoder, check_unreadable
 from .modality_gap import run_modality_gap
 from .probe import run_probe
-from .prompts import resolve_prompts
+from .prompts import read_templates, resolve_prompts
 from .retrieval import retrieval_metrics
 from .zeroshot import zeroshot_classify
 
@@ -166,6 +166,9 @@ def evaluate(encoder: Encoder, cfg: EvalConfig, *, model_name: str, num_workers:
     unknown = chosen - set(TASKS)
     if unknown:
         raise ValueError(f"unknown evaluation task {sorted(unknown)[0]!r}; allowed tasks: {', '.join(TASKS)}")
+    if "zeroshot" in chosen:
+        if cfg.zeroshot and cfg.templates:
+            read_templates(cfg.templates, option="--templates (eval.templates)")  # fail before any encoding
     transform = eval_views(encoder.model)
     records = []
     common = {"transform": transform, "batch_size": cfg.batch_size, "num_workers": num_workers,
