@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dinorankclip.config import ConfigError, EvalConfig, load_config
+from dinorankclip.eval.captions import open_captions
 from dinorankclip.eval.features import Encoder
 from dinorankclip.eval.modality_gap import run_modality_gap
 from dinorankclip.eval.probe import run_probe
@@ -198,3 +199,37 @@ def test_missing_template_file_names_option(tmp_path, sample_data, no_encoding):
                      templates=str(tmp_path / "absent.txt"))
     with pytest.raises(FileNotFoundError, match=r"--templates \(eval.templates\) '.*absent.txt'"):
         evaluate(no_encoding, cfg, model_name="tiny")
+
+
+# Karpathy JSON entries
+
+
+@pytest.mark.parametrize("key", ["sentences", "filename"])
+def test_karpathy_entry_missing_key(tmp_path, sample_data, transform, key):
+    images = _karpathy(tmp_path, sample_data, num_images=3)
+    name = images[1]["filename"]
+    del images[1][key]
+    path = _write_karpathy(tmp_path, images)
+    with pytest.raises(ValueError) as caught:
+        open_captions(path, transform=transform)
+    message = str(caught.value)
+    assert str(path) in message
+    assert f"no {key!r} key" in message
+    if key == "sentences":
+        assert repr(name) in message
+    else:
+        assert "image 1 of split 'test'" in message
+
+
+def test_karpathy_image_without_captions(tmp_path, sample_data, encoder, transform, caplog):
+    images = _karpathy(tmp_path, sample_data, num_images=6)
+    images[2]["sentences"] = []
+    path = _write_karpathy(tmp_path, images)
+    with caplog.at_level(logging.WARNING):
+        metrics = run_retrieval(encoder, path, transform=transform, image_root=str(sample_data / "flickr8k"))
+    assert "1 of 6 images of split 'test' have no captions" in caplog.text
+    assert images[2]["filename"] in caplog.text
+    assert metrics["num_images"] == 5
+    assert metrics["num_texts"] == 25
+    assert metrics["num_images_without_captions"] == 1
+    assert metrics["num_images_skipped"] == 0

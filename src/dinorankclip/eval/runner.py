@@ -124,7 +124,8 @@ def run_retrieval(encoder: Encoder, source: str | Path, *, transform, batch_size
         result[f"image_retrieval_recall@{k[2:]}"] = value
     for k, value in result["image_to_text"].items():
         result[f"text_retrieval_recall@{k[2:]}"] = value
-    result.update(source=str(source), split=dataset.split, num_images_skipped=feats["num_images_skipped"])
+    result.update(source=str(source), split=dataset.split, num_images_skipped=feats["num_images_skipped"],
+                  num_images_without_captions=dataset.num_images_without_captions)
     return result
 
 
