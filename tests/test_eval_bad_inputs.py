@@ -233,3 +233,16 @@ def test_karpathy_image_without_captions(tmp_path, sample_data, encoder, transfo
     assert metrics["num_texts"] == 25
     assert metrics["num_images_without_captions"] == 1
     assert metrics["num_images_skipped"] == 0
+
+
+# Labels and dataset names
+
+
+def test_negative_label_reported_before_encoding(tmp_path, sample_data, no_encoding, transform):
+    table = _cifar_labels(tmp_path, sample_data, num_rows=10, num_missing=0, label="-1")
+    with pytest.raises(ValueError) as caught:
+        run_zeroshot(no_encoding, "cifar10", table, transform=transform)
+    message = str(caught.value)
+    assert "label -1 of 1 images" in message
+    assert "outside the 10 class names" in message
+    assert "label 0 " not in message

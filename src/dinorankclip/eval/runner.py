@@ -27,7 +27,7 @@ from .modality_gap import run_modality_gap
 from .probe import run_probe
 from .prompts import read_templates, resolve_prompts
 from .retrieval import retrieval_metrics
-from .zeroshot import zeroshot_classify
+from .zeroshot import check_label_range, zeroshot_classify
 
 __all__ = [
     "TASKS",
@@ -79,13 +79,20 @@ def eval_views(model) -> PairedViews:
 def run_zeroshot(encoder: Encoder, name: str, source: str | Path, *, transform, batch_size: int = 256,
                  num_workers: int = 0, templates_file: str | None = None, prompts_json: str | None = None,
                  split: str = "test", max_bad_fraction: float = 0.05) -> dict[str, Any]:
-    """Zero-shot classification on a labels CSV or a dataset folder (see :func:`~.datasets.open_labelled`)."""
+    """Zero-shot classification on a labels CSV or a dataset folder (see :func:`~.datasets.open_labelled`).
+
+    Labels of a labels table are checked against the class names before any image is encoded; other
+    layouts are checked after encoding.
+    """
     labelled = open_labelled(name, source, split=split, transform=transform)
     names_file = Path(source).parent / "classnames.txt" if Path(source).is_file() else None
     prompts = resolve_prompts(labelled.name, classnames=labelled.classnames,
                               classnames_source=labelled.classnames_source, classnames_file=names_file,
                               templates_file=templates_file, prompts_json=prompts_json,
                               dataset_templates_file=labelled.templates_file)
+    known_labels = getattr(labelled.dataset, "labels", None)
+    if known_labels is not None:
+        check_label_range(known_labels, len(prompts.classnames), name=name, source=str(source))
     workers = 0 if isinstance(labelled.dataset, torch.utils.data.IterableDataset) else num_workers
     loader = build_eval_loader(labelled.dataset, batch_size=batch_size, num_workers=workers)
     metrics = zeroshot_classify(encoder, loader, prompts, name=name, batch_size=batch_size,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .features import Encoder, check_unreadable
 from .prompts import PromptSet
 
-__all__ = ["build_classifier", "classification_metrics", "zeroshot_classify"]
+__all__ = ["build_classifier", "check_label_range", "classification_metrics", "zeroshot_classify"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,26 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     }
 
 
+def check_label_range(labels, num_classes: int, *, name: str, source: str = "") -> None:
+    """Raise when a label lies outside ``[0, num_classes)``.
+
+    Raises:
+        ValueError: naming the offending labels (up to five), how many images carry them and the source.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    outside = (labels < 0) | (labels >= num_classes)
+    if not bool(outside.any()):
+        return
+    bad = sorted(set(labels[outside].tolist()))
+    shown = ", ".join(str(label) for label in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    where = f" in {source}" if source else ""
+    raise ValueError(
+        f"{name}: label{'s' if len(bad) > 1 else ''} {shown} of {int(outside.sum())} images{where} "
+        f"{'are' if len(bad) > 1 else 'is'} outside the {num_classes} class names (valid labels: 0 to "
+        f"{num_classes - 1}); fix the labels, or the classnames.txt that goes with the labels file"
+    )
+
+
 def zeroshot_classify(encoder: Encoder, loader, prompts: PromptSet, *, name: str = "zeroshot",
                       batch_size: int = 256, max_bad_fraction: float = 0.05, source: str = "") -> dict[str, Any]:
     """Classify every image of ``loader`` (batches with ``label``) against the prompt classifier.
@@ -74,11 +94,7 @@ def zeroshot_classify(encoder: Encoder, loader, prompts: PromptSet, *, name: str
     check_unreadable(feats, desc=f"zero-shot {name}" + (f" ({source})" if source else ""),
                      max_bad_fraction=max_bad_fraction)
     labels = feats["label"]
-    if labels.max() >= len(prompts.classnames) or labels.min() < 0:
-        raise ValueError(
-            f"{name}: label {int(labels.max())} is outside the {len(prompts.classnames)} class names; check the "
-            "classnames.txt that goes with the labels file"
-        )
+    check_label_range(labels, len(prompts.classnames), name=name, source=source)
     logits = feats["image_features"] @ classifier.T
     metrics = classification_metrics(logits, labels, len(prompts.classnames))
     if metrics["num_classes_with_images"] * 2 < metrics["num_classes"]:
