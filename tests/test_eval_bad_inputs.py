@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dinorankclip.cli.eval_cmd import eval_config_from_args
 from dinorankclip.config import ConfigError, EvalConfig, load_config
 from dinorankclip.eval.captions import open_captions
 from dinorankclip.eval.features import Encoder
@@ -246,3 +247,30 @@ def test_negative_label_reported_before_encoding(tmp_path, sample_data, no_encod
     assert "label -1 of 1 images" in message
     assert "outside the 10 class names" in message
     assert "label 0 " not in message
+
+
+def test_duplicate_dataset_options(tmp_path):
+    def args(**given):
+        import argparse
+
+        values = {"zeroshot": [], "retrieval": None, "retrieval_split": "test", "retrieval_images": None,
+                  "probe": [], "modality_gap": None, "templates": None, "bundled_eval": False}
+        values.update(given)
+        return argparse.Namespace(**values)
+
+    with pytest.raises(ConfigError, match="'cifar10=A.csv' and --zeroshot 'cifar10=B.csv'"):
+        eval_config_from_args(args(zeroshot=["cifar10=A.csv", "cifar10=B.csv"]), batch_size=8)
+    with pytest.raises(ConfigError, match="'cifar10=A.csv' and --zeroshot 'cifar-10=B.csv'"):
+        eval_config_from_args(args(zeroshot=["cifar10=A.csv", "cifar-10=B.csv"]), batch_size=8)
+    with pytest.raises(ConfigError, match="'my set=A.csv' and --probe 'my_set=B.csv'"):
+        eval_config_from_args(args(probe=["my set=A.csv", "my_set=B.csv"]), batch_size=8)
+    cfg, _ = eval_config_from_args(args(zeroshot=["cifar10=A.csv"], probe=["cifar10=A.csv"]), batch_size=8)
+    assert cfg.zeroshot == cfg.probe == {"cifar10": "A.csv"}
+
+
+@pytest.mark.parametrize("task", ["zeroshot", "probe"])
+def test_evaluate_rejects_clashing_names(sample_data, no_encoding, task):
+    labels = str(sample_data / "dtd" / "labels.csv")
+    cfg = EvalConfig(**{task: {"cifar10": labels, "CIFAR-10": labels}})
+    with pytest.raises(ValueError, match=f"eval.{task} names 'cifar10' and 'CIFAR-10'"):
+        evaluate(no_encoding, cfg, model_name="tiny")

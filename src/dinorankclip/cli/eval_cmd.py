@@ -38,8 +38,17 @@ def add_dataset_arguments(p) -> None:
 
 
 def parse_pairs(items: list[str], option: str) -> dict[str, str]:
-    """Parse repeated ``NAME=PATH`` options into a dict."""
-    pairs = {}
+    """Parse repeated ``NAME=PATH`` options into a dict.
+
+    Raises:
+        ConfigError: a malformed item, or two items that name the same dataset or would write the same
+            record file (``cifar10`` and ``cifar-10``).
+    """
+    from ..eval.datasets import canonical_name
+    from ..eval.runner import record_filename
+
+    pairs: dict[str, str] = {}
+    first_item: dict[str, str] = {}  # record file stem -> the item that claimed it
     for item in items:
         if "=" not in item:
             raise ConfigError(f"{option} {item!r} is malformed; write NAME=SOURCE, e.g. cifar10=data/cifar10/test.csv")
@@ -47,6 +56,12 @@ def parse_pairs(items: list[str], option: str) -> dict[str, str]:
         if not name.strip() or not path.strip():
             raise ConfigError(f"{option} {item!r} lacks a {'dataset name' if not name.strip() else 'source'}; "
                               "write NAME=SOURCE, e.g. cifar10=data/cifar10/test.csv")
+        key = record_filename({"task": "", "dataset": canonical_name(name.strip())})
+        if key in first_item:
+            raise ConfigError(f"{option} {first_item[key]!r} and {option} {item!r} name the same dataset "
+                              f"{canonical_name(name.strip())!r}, so one result would replace the other; give "
+                              "each dataset once")
+        first_item[key] = item
         pairs[name.strip()] = path.strip()
     return pairs
 

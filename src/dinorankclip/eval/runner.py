@@ -33,6 +33,7 @@ __all__ = [
     "TASKS",
     "CaptionedImages",
     "build_encoder",
+    "check_dataset_names",
     "eval_views",
     "evaluate",
     "record_filename",
@@ -151,6 +152,27 @@ def record_filename(record: dict[str, Any]) -> str:
     return f"{safe}.json"
 
 
+def check_dataset_names(names: Iterable[str], *, task: str, option: str) -> None:
+    """Raise when two dataset names of one task give the same dataset or the same record file.
+
+    ``cifar10`` and ``cifar-10`` are one dataset (see :data:`~.datasets.CANONICAL_NAMES`), and ``my set``
+    and ``my_set`` would both be written to ``<task>__my_set.json``.
+
+    Raises:
+        ValueError: naming both names, the file they share and ``option``.
+    """
+    seen: dict[str, str] = {}
+    for name in names:
+        file = record_filename({"task": TASK_NAMES[task], "dataset": canonical_name(name)})
+        if file in seen:
+            raise ValueError(
+                f"{option} names {seen[file]!r} and {name!r} both give the dataset {canonical_name(name)!r} "
+                f"(record file {file}), so one result would replace the other; give each dataset once, "
+                "under distinct names"
+            )
+        seen[file] = name
+
+
 def evaluate(encoder: Encoder, cfg: EvalConfig, *, model_name: str, num_workers: int = 0,
              tasks: Iterable[str] | None = None, skipped: dict[tuple[str, str], str] | None = None,
              plot_dir: str | Path | None = None, pretrained: str = "") -> list[dict[str, Any]]:
@@ -168,15 +190,19 @@ def evaluate(encoder: Encoder, cfg: EvalConfig, *, model_name: str, num_workers:
         pretrained: the ``pretrained`` field of each record (the checkpoint path).
 
     Raises:
-        ValueError: an unknown task name.
+        ValueError: an unknown task name, or two names of one task for the same dataset (checked before
+            any work).
     """
     chosen = set(TASKS if tasks is None else tasks)
     unknown = chosen - set(TASKS)
     if unknown:
         raise ValueError(f"unknown evaluation task {sorted(unknown)[0]!r}; allowed tasks: {', '.join(TASKS)}")
     if "zeroshot" in chosen:
+        check_dataset_names(cfg.zeroshot, task="zeroshot", option="eval.zeroshot")
         if cfg.zeroshot and cfg.templates:
             read_templates(cfg.templates, option="--templates (eval.templates)")  # fail before any encoding
+    if "probe" in chosen:
+        check_dataset_names(cfg.probe, task="probe", option="eval.probe")
     transform = eval_views(encoder.model)
     records = []
     common = {"transform": transform, "batch_size": cfg.batch_size, "num_workers": num_workers,
