@@ -44,7 +44,8 @@ def check_unreadable(feats: dict[str, Any], *, desc: str, max_bad_fraction: floa
     named = "; ".join(bad.reason for bad in feats["bad_samples"][:NAMED_BAD_FILES])
     raise ValueError(
         f"{desc}: {problem}; first unreadable: {named}. "
-        + (hint or "Fix the image paths of the dataset, or raise eval.max_bad_fraction to accept the loss.")
+        + (hint or "Fix the image paths of the dataset, or raise eval.max_bad_fraction (the --max-bad-fraction "
+           "option of dinorankclip eval) to accept the loss.")
     )
 
 
