@@ -85,3 +85,26 @@ def test_bundled_eval_fills_missing_tasks(sample_data):
 def test_zeroshot_spec_needs_name_and_source(run_dir, capsys, spec, missing):
     assert main(["eval", "--checkpoint", str(run_dir), "--zeroshot", spec]) == 2
     assert f"lacks a {missing}" in capsys.readouterr().err
+
+
+def test_eval_max_bad_fraction_option(tmp_path, run_dir, sample_data, capsys):
+    rows = list(csv.DictReader((sample_data / "cifar10" / "test.csv").open(newline="")))[:30]
+    table = tmp_path / "labels.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filepath", "label"])
+        for i, row in enumerate(rows):
+            folder = tmp_path / "missing" if i < 28 else sample_data / "cifar10"
+            writer.writerow([str(folder / row["filepath"]), row["label"]])
+    (tmp_path / "classnames.txt").write_text((sample_data / "cifar10" / "classnames.txt").read_text())
+    args = ["eval", "--checkpoint", str(run_dir), "--workers", "0", "--zeroshot", f"cifar10={table}"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "28 of 30 images are unreadable" in error
+    assert "--max-bad-fraction" in error
+    assert main(args + ["--max-bad-fraction", "1"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["metrics"]["num_images_skipped"] == 28
+    assert record["metrics"]["num_images"] == 2
+    assert main(args + ["--max-bad-fraction", "2"]) == 2
+    assert "eval.max_bad_fraction=2.0 is invalid" in capsys.readouterr().err

@@ -102,6 +102,10 @@ def test_order_sweep_end_to_end_and_resume(tmp_path, sample_data, tiny_overrides
     assert (out / "plots" / "summary.png").is_file()
     assert "linear_probe `stanford_cars`: not bundled" in report
     assert "ALIP" not in report
+    # The setup lists the datasets given to this study, not the bundled ones of the preset.
+    assert ("- Evaluation: zero-shot on dtd (20 images); retrieval on `pairs.csv` (2 images, 10 captions); "
+            "linear probe on dtd (20 images); modality gap on `pairs.csv` (2 pairs).") in report
+    assert "CIFAR-10" not in report
 
     # A second invocation trains and evaluates nothing and leaves the runs untouched.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/model.safetensors")}

@@ -340,6 +340,7 @@ class EvalConfig:
     probe_features: Literal["image_features", "clip_image_features"] = "image_features"  # fused or trunk
     modality_gap: str | None = None  # held-out caption CSV or Karpathy JSON for the four-node modality gap
     modality_gap_max_pairs: int | None = 1000  # first N held-out images (one caption each); null: all
+    max_bad_fraction: float = 0.05  # a task fails when more than this fraction of its images cannot be read
 
     def __post_init__(self) -> None:
         _check_positive("eval.batch_size", self.batch_size)
@@ -352,6 +353,7 @@ class EvalConfig:
         _check_positive("eval.probe_max_iter", self.probe_max_iter)
         _check_choice("eval.probe_features", self.probe_features, ("image_features", "clip_image_features"))
         _check_positive("eval.modality_gap_max_pairs", self.modality_gap_max_pairs, allow_none=True)
+        _check_fraction("eval.max_bad_fraction", self.max_bad_fraction)
 
 
 @dataclass

@@ -38,8 +38,17 @@ def add_dataset_arguments(p) -> None:
 
 
 def parse_pairs(items: list[str], option: str) -> dict[str, str]:
-    """Parse repeated ``NAME=PATH`` options into a dict."""
-    pairs = {}
+    """Parse repeated ``NAME=PATH`` options into a dict.
+
+    Raises:
+        ConfigError: a malformed item, or two items that name the same dataset or would write the same
+            record file (``cifar10`` and ``cifar-10``).
+    """
+    from ..eval.datasets import canonical_name
+    from ..eval.runner import record_filename
+
+    pairs: dict[str, str] = {}
+    first_item: dict[str, str] = {}  # record file stem -> the item that claimed it
     for item in items:
         if "=" not in item:
             raise ConfigError(f"{option} {item!r} is malformed; write NAME=SOURCE, e.g. cifar10=data/cifar10/test.csv")
@@ -47,12 +56,20 @@ def parse_pairs(items: list[str], option: str) -> dict[str, str]:
         if not name.strip() or not path.strip():
             raise ConfigError(f"{option} {item!r} lacks a {'dataset name' if not name.strip() else 'source'}; "
                               "write NAME=SOURCE, e.g. cifar10=data/cifar10/test.csv")
+        key = record_filename({"task": "", "dataset": canonical_name(name.strip())})
+        if key in first_item:
+            raise ConfigError(f"{option} {first_item[key]!r} and {option} {item!r} name the same dataset "
+                              f"{canonical_name(name.strip())!r}, so one result would replace the other; give "
+                              "each dataset once")
+        first_item[key] = item
         pairs[name.strip()] = path.strip()
     return pairs
 
 
-def eval_config_from_args(args, batch_size: int):
+def eval_config_from_args(args, batch_size: int, max_bad_fraction: float = 0.05):
     """Build the evaluation config from the dataset options.
+
+    ``batch_size`` and ``max_bad_fraction`` set the fields of the same name (see ``EvalConfig``).
 
     Returns:
         (EvalConfig, skipped datasets with reasons). With ``--bundled-eval`` the bundled datasets fill every
@@ -76,7 +93,8 @@ def eval_config_from_args(args, batch_size: int):
                 skipped.update({k: v for k, v in bundled_skipped.items() if k[0] == task})
     cfg = EvalConfig(batch_size=batch_size, zeroshot=given["zeroshot"], retrieval=given["retrieval"],
                      retrieval_split=args.retrieval_split, retrieval_image_root=args.retrieval_images,
-                     probe=given["probe"], modality_gap=given["modality_gap"], templates=args.templates)
+                     probe=given["probe"], modality_gap=given["modality_gap"], templates=args.templates,
+                     max_bad_fraction=max_bad_fraction)
     return cfg, skipped
 
 
@@ -93,6 +111,9 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="test", metavar="SPLIT",
                    help="split read from zero-shot dataset folders and CSVs with a split column (default test)")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per batch (default 256)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05, metavar="F",
+                   help="a task fails when more than this fraction of its images cannot be read, in [0, 1] "
+                        "(default 0.05)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="data loader processes (default 2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--teacher-weights", metavar="PATH",
@@ -112,7 +133,7 @@ def run(args) -> int:
     unknown = [t for t in tasks if t not in TASK_CHOICES]
     if unknown:
         raise ConfigError(f"--tasks {unknown[0]!r} is invalid; allowed tasks: {', '.join(TASK_CHOICES)}")
-    eval_cfg, skipped = eval_config_from_args(args, args.batch_size)
+    eval_cfg, skipped = eval_config_from_args(args, args.batch_size, max_bad_fraction=args.max_bad_fraction)
     eval_cfg.zeroshot_split = args.split
     has_data = {"zeroshot": bool(eval_cfg.zeroshot), "retrieval": bool(eval_cfg.retrieval),
                 "probe": bool(eval_cfg.probe), "modality_gap": bool(eval_cfg.modality_gap)}

@@ -68,8 +68,9 @@ def run(args) -> int:
 
     eval_cfg, skipped = None, None
     if args.zeroshot or args.retrieval or args.probe or args.modality_gap or args.bundled_eval:
-        batch_size = load_config(get_preset(args.preset).config, list(args.overrides)).eval.batch_size
-        eval_cfg, skipped = eval_config_from_args(args, batch_size=batch_size)
+        run_eval = load_config(get_preset(args.preset).config, list(args.overrides)).eval
+        eval_cfg, skipped = eval_config_from_args(args, batch_size=run_eval.batch_size,
+                                                  max_bad_fraction=run_eval.max_bad_fraction)
     try:
         summary = run_study(args.study, out=args.out, preset=args.preset, steps=args.steps,
                             overrides=list(args.overrides), teacher_weights=args.teacher_weights,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..data.csv_dataset import collate_samples
 from .captions import open_captions
-from .features import Encoder
+from .features import Encoder, check_unreadable
 
 __all__ = ["NODES", "collect_gap_sets", "gap_matrix", "plot_gap_pca", "run_modality_gap"]
 
@@ -45,12 +45,17 @@ _TEXT_KEYS = {"clip_text": "clip_text_features", "fused_text": "text_features"}
 
 def collect_gap_sets(encoder: Encoder, source: str | Path, *, transform: Callable, split: str = "test",
                      image_root: str | None = None, max_pairs: int | None = None, batch_size: int = 256,
-                     num_workers: int = 0) -> dict[str, torch.Tensor]:
+                     num_workers: int = 0, max_bad_fraction: float = 0.05,
+                     ) -> tuple[dict[str, torch.Tensor], int]:
     """Embed one (image, first caption) pair per held-out image.
 
     Returns:
-        The four nodes as [n, E] unit vectors, plus ``student_image`` and ``student_text`` ([n, Dt] unit
-        vectors) when the model has a student.
+        (sets, num_images_skipped): the four nodes as [n, E] unit vectors, plus ``student_image`` and
+        ``student_text`` ([n, Dt] unit vectors) when the model has a student, and the number of unreadable
+        images that were left out.
+
+    Raises:
+        ValueError: more than ``max_bad_fraction`` of the images are unreadable.
     """
     data = open_captions(source, split=split, image_root=image_root, transform=transform)
     if max_pairs is not None and max_pairs < len(data):
@@ -62,8 +67,8 @@ def collect_gap_sets(encoder: Encoder, source: str | Path, *, transform: Callabl
                                          collate_fn=collate_samples)
     feats = encoder.images(loader, desc="modality gap",
                            keys=(*_IMAGE_KEYS.values(), "student_global"))
-    if "image_features" not in feats:
-        raise ValueError(f"modality gap: no readable images in {source}")
+    check_unreadable(feats, desc=f"modality gap on {source}", max_bad_fraction=max_bad_fraction,
+                     hint=base.path_hint())
     first_caption: dict[int, str] = {}
     for text, owner in zip(base.texts, base.text_to_image.tolist(), strict=True):
         first_caption.setdefault(owner, text)
@@ -74,7 +79,7 @@ def collect_gap_sets(encoder: Encoder, source: str | Path, *, transform: Callabl
     if "student_global" in feats and "text_student" in text_feats:
         sets["student_image"] = F.normalize(feats["student_global"], dim=-1)
         sets["student_text"] = F.normalize(text_feats["text_student"], dim=-1)
-    return sets
+    return sets, feats["num_images_skipped"]
 
 
 def gap_matrix(sets: dict[str, torch.Tensor], nodes=NODES) -> torch.Tensor:
@@ -115,16 +120,18 @@ def plot_gap_pca(sets: dict[str, torch.Tensor], path: str | Path, *, title: str 
 
 def run_modality_gap(encoder: Encoder, source: str | Path, *, transform: Callable, plot_path: str | Path | None,
                      split: str = "test", image_root: str | None = None, max_pairs: int | None = None,
-                     batch_size: int = 256, num_workers: int = 0, title: str = "") -> dict[str, Any]:
+                     batch_size: int = 256, num_workers: int = 0, title: str = "",
+                     max_bad_fraction: float = 0.05) -> dict[str, Any]:
     """Compute the four-node gap matrix (and the plot when ``plot_path`` is given).
 
     Returns:
         ``nodes``, ``matrix`` (4×4 nested list of centroid gap norms), ``gaps`` (the same as
-        ``"a|b": norm`` for a < b), ``centroid_norms``, ``teacher_space_gap`` (or None), ``num_pairs`` and
-        ``plot`` (path or None).
+        ``"a|b": norm`` for a < b), ``centroid_norms``, ``teacher_space_gap`` (or None), ``num_pairs``,
+        ``num_images_skipped`` and ``plot`` (path or None).
     """
-    sets = collect_gap_sets(encoder, source, transform=transform, split=split, image_root=image_root,
-                            max_pairs=max_pairs, batch_size=batch_size, num_workers=num_workers)
+    sets, skipped = collect_gap_sets(encoder, source, transform=transform, split=split, image_root=image_root,
+                                     max_pairs=max_pairs, batch_size=batch_size, num_workers=num_workers,
+                                     max_bad_fraction=max_bad_fraction)
     matrix = gap_matrix(sets)
     gaps = {f"{a}|{b}": float(matrix[i, j]) for i, a in enumerate(NODES) for j, b in enumerate(NODES) if i < j}
     teacher_gap = None
@@ -138,6 +145,7 @@ def run_modality_gap(encoder: Encoder, source: str | Path, *, transform: Callabl
         "centroid_norms": {node: float(sets[node].mean(0).norm()) for node in NODES},
         "teacher_space_gap": teacher_gap,
         "num_pairs": int(sets["clip_image"].shape[0]),
+        "num_images_skipped": skipped,
         "source": str(source),
         "plot": plot,
     }

@@ -31,7 +31,7 @@ import torch
 from ..data.csv_dataset import read_table
 from ..data.loader import build_eval_loader
 from .datasets import LabelledSet, open_labelled
-from .features import Encoder
+from .features import Encoder, check_unreadable
 
 __all__ = ["fit_probe", "per_class_split", "probe_sets", "run_probe"]
 
@@ -167,22 +167,32 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
     }
 
 
-def _features(encoder: Encoder, labelled: LabelledSet, *, key: str, batch_size: int,
-              num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+def _features(encoder: Encoder, labelled: LabelledSet, *, key: str, batch_size: int, num_workers: int,
+              max_bad_fraction: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Return features [n, D], labels [n] and the number of unreadable images that were skipped."""
     workers = 0 if isinstance(labelled.dataset, torch.utils.data.IterableDataset) else num_workers
     loader = build_eval_loader(labelled.dataset, batch_size=batch_size, num_workers=workers)
     feats = encoder.images(loader, desc=f"probe {labelled.name}", keys=(key,))
+    check_unreadable(feats, desc=f"probe {labelled.name} ({labelled.source})", max_bad_fraction=max_bad_fraction)
     if key not in feats:
-        raise ValueError(f"probe {labelled.name}: no readable images in {labelled.source}")
-    return feats[key].numpy(), feats["label"].numpy()
+        raise ValueError(f"probe {labelled.name}: the model has no {key!r} output; set eval.probe_features to "
+                         "image_features or clip_image_features")
+    return feats[key].numpy(), feats["label"].numpy(), feats["num_images_skipped"]
 
 
 def run_probe(encoder: Encoder, name: str, source: str | Path, *, transform: Callable,
               c_values: Sequence[float], val_fraction: float, test_fraction: float, max_iter: int = 1000,
-              feature_key: str = "image_features", batch_size: int = 256, num_workers: int = 0) -> dict[str, Any]:
-    """Linear probe of ``encoder``'s frozen image features on one dataset (see the module docstring)."""
+              feature_key: str = "image_features", batch_size: int = 256, num_workers: int = 0,
+              max_bad_fraction: float = 0.05) -> dict[str, Any]:
+    """Linear probe of ``encoder``'s frozen image features on one dataset (see the module docstring).
+
+    Raises:
+        ValueError: more than ``max_bad_fraction`` of the training or of the test images are unreadable.
+    """
     train, test, how = probe_sets(name, source, transform=transform, test_fraction=test_fraction)
-    x, y = _features(encoder, train, key=feature_key, batch_size=batch_size, num_workers=num_workers)
+    common = {"key": feature_key, "batch_size": batch_size, "num_workers": num_workers,
+              "max_bad_fraction": max_bad_fraction}
+    x, y, skipped = _features(encoder, train, **common)
     if test is None:
         train_idx, test_idx = per_class_split(y.tolist(), test_fraction)
         if not test_idx:
@@ -190,10 +200,11 @@ def run_probe(encoder: Encoder, name: str, source: str | Path, *, transform: Cal
         train_x, train_y, test_x, test_y = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
     else:
         train_x, train_y = x, y
-        test_x, test_y = _features(encoder, test, key=feature_key, batch_size=batch_size, num_workers=num_workers)
+        test_x, test_y, test_skipped = _features(encoder, test, **common)
+        skipped += test_skipped
     metrics = fit_probe(train_x, train_y, test_x, test_y, c_values=c_values, val_fraction=val_fraction,
                         max_iter=max_iter)
-    metrics.update(split=how, features=feature_key, source=str(source), layout=train.layout,
+    metrics.update(split=how, features=feature_key, num_images_skipped=skipped, source=str(source), layout=train.layout,
                    lp_acc1=metrics["top1"], lp_acc5=metrics["top5"],
                    lp_mean_per_class_recall=metrics["mean_per_class_recall"])
     if not math.isfinite(metrics["top1"]):

@@ -25,6 +25,7 @@ __all__ = [
     "PromptSet",
     "bundled_prompts_path",
     "load_classnames",
+    "read_templates",
     "resolve_prompts",
 ]
 
@@ -107,6 +108,54 @@ def _normalise_template(template: str) -> str:
     raise ValueError(f"prompt template {template!r} has no class placeholder; write {{c}} where the class goes")
 
 
+def _check_template(template: str, where: str) -> str:
+    """Normalise ``template`` and check that it formats with a class name alone.
+
+    Raises:
+        ValueError: naming ``where`` (file and line), the template and the allowed placeholders.
+    """
+    try:
+        normalised = _normalise_template(template)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    try:
+        normalised.format(c="class name")
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        reason = f"unknown placeholder {{{err.args[0]}}}" if isinstance(err, KeyError) else str(err)
+        raise ValueError(
+            f"{where}: template {template!r} is invalid ({reason}); the only placeholder allowed is {{c}} "
+            "(or {}) for the class name, and a literal brace is written {{ or }}"
+        ) from None
+    return normalised
+
+
+def read_templates(path: str | Path, *, option: str) -> list[str]:
+    """Read one template per line, skipping blank lines, and check each one (see :func:`_check_template`).
+
+    Args:
+        path: the template file.
+        option: the option or setting that gave ``path``, named in errors.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file cannot be read as UTF-8, has no templates, or contains an invalid template.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{option} {str(path)!r}: template file not found; give a text file with one "
+                                "template per line, {c} marking the class name") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{option} {str(path)!r}: failed to read the template file ({err})") from None
+    templates = [_check_template(line.strip(), f"{option} {path}, line {number}")
+                 for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not templates:
+        raise ValueError(f"{option} {str(path)!r}: template file has no templates; write one per line, {{c}} "
+                         "marking the class name")
+    return templates
+
+
 @dataclass
 class PromptSet:
     """Class names (index = label) and templates, with where each came from."""
@@ -134,6 +183,7 @@ def resolve_prompts(
     classnames: list[str] | None = None,
     classnames_source: str | None = None,
     dataset_templates_file: str | Path | None = None,
+    templates_option: str = "--templates (eval.templates)",
 ) -> PromptSet:
     """Pick class names and templates for ``dataset``.
 
@@ -142,8 +192,11 @@ def resolve_prompts(
     the precedence in the module docstring; the dataset's own templates are ``dataset_templates_file``
     (CLIP_benchmark's WebDataset layout) when given, else CLIP's templates for ``dataset``.
 
+    ``templates_option`` names the option that gave ``templates_file`` in error messages.
+
     Raises:
-        ValueError: no class names can be found for ``dataset``.
+        ValueError: no class names can be found for ``dataset``, or a template file contains an invalid template.
+        FileNotFoundError: a template file does not exist.
     """
     prompts_path = str(prompts_json or bundled_prompts_path())
     clip = _load_prompts(prompts_path)
@@ -166,19 +219,16 @@ def resolve_prompts(
         )
 
     if templates_file is not None:
-        lines = [line.strip() for line in Path(templates_file).read_text(encoding="utf-8").splitlines()]
-        templates, source, origin = [_normalise_template(t) for t in lines if t], "user", str(templates_file)
-        if not templates:
-            raise ValueError(f"template file {templates_file} has no templates")
+        templates = read_templates(templates_file, option=templates_option)
+        source, origin = "user", str(templates_file)
     elif dataset_templates_file is not None:
-        lines = [line.strip() for line in Path(dataset_templates_file).read_text(encoding="utf-8").splitlines()]
-        templates, source = [_normalise_template(t) for t in lines if t], "dataset"
-        origin = str(dataset_templates_file)
-        if not templates:
-            raise ValueError(f"template file {dataset_templates_file} has no templates")
+        templates = read_templates(dataset_templates_file, option=f"dataset {dataset!r} template file")
+        source, origin = "dataset", str(dataset_templates_file)
     elif entry is not None:
-        templates, source = [_normalise_template(t) for t in entry["templates"]], "dataset"
         origin = f"{Path(prompts_path).name}:{key}"
+        templates = [_check_template(t, f"{prompts_path}, {key} template {i}")
+                     for i, t in enumerate(entry["templates"])]
+        source = "dataset"
     else:
         templates, source = BUILTIN_TEMPLATES.get(dataset.lower(), BUILTIN_TEMPLATES["default"]), "builtin"
         origin = "builtin"

@@ -23,17 +23,18 @@ from ..data.loader import build_eval_loader
 from ..data.transforms import PairedViews
 from .captions import CaptionedImages, open_captions
 from .datasets import canonical_name, open_labelled
-from .features import Encoder
+from .features import Encoder, check_unreadable
 from .modality_gap import run_modality_gap
 from .probe import run_probe
-from .prompts import resolve_prompts
+from .prompts import read_templates, resolve_prompts
 from .retrieval import retrieval_metrics
-from .zeroshot import zeroshot_classify
+from .zeroshot import check_label_range, zeroshot_classify
 
 __all__ = [
     "TASKS",
     "CaptionedImages",
     "build_encoder",
+    "check_dataset_names",
     "eval_views",
     "evaluate",
     "record_filename",
@@ -93,31 +94,45 @@ def eval_views(model) -> PairedViews:
 
 def run_zeroshot(encoder: Encoder, name: str, source: str | Path, *, transform, batch_size: int = 256,
                  num_workers: int = 0, templates_file: str | None = None, prompts_json: str | None = None,
-                 split: str = "test") -> dict[str, Any]:
-    """Zero-shot classification on a labels CSV or a dataset folder (see :func:`~.datasets.open_labelled`)."""
+                 split: str = "test", max_bad_fraction: float = 0.05) -> dict[str, Any]:
+    """Zero-shot classification on a labels CSV or a dataset folder (see :func:`~.datasets.open_labelled`).
+
+    Labels of a labels table are checked against the class names before any image is encoded; other
+    layouts are checked after encoding.
+    """
     labelled = open_labelled(name, source, split=split, transform=transform)
     names_file = Path(source).parent / "classnames.txt" if Path(source).is_file() else None
     prompts = resolve_prompts(labelled.name, classnames=labelled.classnames,
                               classnames_source=labelled.classnames_source, classnames_file=names_file,
                               templates_file=templates_file, prompts_json=prompts_json,
                               dataset_templates_file=labelled.templates_file)
+    known_labels = getattr(labelled.dataset, "labels", None)
+    if known_labels is not None:
+        check_label_range(known_labels, len(prompts.classnames), name=name, source=str(source))
     workers = 0 if isinstance(labelled.dataset, torch.utils.data.IterableDataset) else num_workers
     loader = build_eval_loader(labelled.dataset, batch_size=batch_size, num_workers=workers)
-    metrics = zeroshot_classify(encoder, loader, prompts, name=name, batch_size=batch_size)
+    metrics = zeroshot_classify(encoder, loader, prompts, name=name, batch_size=batch_size,
+                                max_bad_fraction=max_bad_fraction, source=str(source))
     metrics.update(acc1=metrics["top1"], acc5=metrics["top5"], layout=labelled.layout, source=str(source),
                    split=split if labelled.layout != "image_folder" else None)
     return metrics
 
 
 def run_retrieval(encoder: Encoder, source: str | Path, *, transform, batch_size: int = 256,
-                  num_workers: int = 0, split: str = "test", image_root: str | None = None) -> dict[str, Any]:
-    """Retrieval on a caption CSV or one split of a Karpathy JSON, with one or more captions per image."""
+                  num_workers: int = 0, split: str = "test", image_root: str | None = None,
+                  max_bad_fraction: float = 0.05) -> dict[str, Any]:
+    """Retrieval on a caption CSV or one split of a Karpathy JSON, with one or more captions per image.
+
+    Raises:
+        ValueError: more than ``max_bad_fraction`` of the images are unreadable; the message shows a path
+            that was tried and the option that sets the image folder.
+    """
     dataset = open_captions(source, split=split, image_root=image_root, transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate_samples)
     feats = encoder.images(loader, desc="retrieval")
-    if "image_features" not in feats:
-        raise ValueError(f"retrieval: no readable images in {source}")
+    check_unreadable(feats, desc=f"retrieval on {source}", max_bad_fraction=max_bad_fraction,
+                     hint=dataset.path_hint())
     # Captions of unreadable images are dropped and image indices renumbered to the embedded rows.
     kept = feats["index"]
     remap = torch.full((len(dataset),), -1, dtype=torch.long)
@@ -132,7 +147,8 @@ def run_retrieval(encoder: Encoder, source: str | Path, *, transform, batch_size
         result[f"image_retrieval_recall@{k[2:]}"] = value
     for k, value in result["image_to_text"].items():
         result[f"text_retrieval_recall@{k[2:]}"] = value
-    result.update(source=str(source), split=dataset.split, num_images_skipped=len(dataset) - int(kept.numel()))
+    result.update(source=str(source), split=dataset.split, num_images_skipped=feats["num_images_skipped"],
+                  num_images_without_captions=dataset.num_images_without_captions)
     return result
 
 
@@ -149,6 +165,27 @@ def record_filename(record: dict[str, Any]) -> str:
     """File name for one record: ``<task>__<dataset>.json`` with unsafe characters replaced."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{record['task']}__{record['dataset']}")
     return f"{safe}.json"
+
+
+def check_dataset_names(names: Iterable[str], *, task: str, option: str) -> None:
+    """Raise when two dataset names of one task give the same dataset or the same record file.
+
+    ``cifar10`` and ``cifar-10`` are one dataset (see :data:`~.datasets.CANONICAL_NAMES`), and ``my set``
+    and ``my_set`` would both be written to ``<task>__my_set.json``.
+
+    Raises:
+        ValueError: naming both names, the file they share and ``option``.
+    """
+    seen: dict[str, str] = {}
+    for name in names:
+        file = record_filename({"task": TASK_NAMES[task], "dataset": canonical_name(name)})
+        if file in seen:
+            raise ValueError(
+                f"{option} names {seen[file]!r} and {name!r} both give the dataset {canonical_name(name)!r} "
+                f"(record file {file}), so one result would replace the other; give each dataset once, "
+                "under distinct names"
+            )
+        seen[file] = name
 
 
 def evaluate(encoder: Encoder, cfg: EvalConfig, *, model_name: str, num_workers: int = 0,
@@ -168,15 +205,23 @@ def evaluate(encoder: Encoder, cfg: EvalConfig, *, model_name: str, num_workers:
         pretrained: the ``pretrained`` field of each record (the checkpoint path).
 
     Raises:
-        ValueError: an unknown task name.
+        ValueError: an unknown task name, or two names of one task for the same dataset (checked before
+            any work).
     """
     chosen = set(TASKS if tasks is None else tasks)
     unknown = chosen - set(TASKS)
     if unknown:
         raise ValueError(f"unknown evaluation task {sorted(unknown)[0]!r}; allowed tasks: {', '.join(TASKS)}")
+    if "zeroshot" in chosen:
+        check_dataset_names(cfg.zeroshot, task="zeroshot", option="eval.zeroshot")
+        if cfg.zeroshot and cfg.templates:
+            read_templates(cfg.templates, option="--templates (eval.templates)")  # fail before any encoding
+    if "probe" in chosen:
+        check_dataset_names(cfg.probe, task="probe", option="eval.probe")
     transform = eval_views(encoder.model)
     records = []
-    common = {"transform": transform, "batch_size": cfg.batch_size, "num_workers": num_workers}
+    common = {"transform": transform, "batch_size": cfg.batch_size, "num_workers": num_workers,
+              "max_bad_fraction": cfg.max_bad_fraction}
 
     if "zeroshot" in chosen:
         for name, source in cfg.zeroshot.items():

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .features import Encoder
+from .features import Encoder, check_unreadable
 from .prompts import PromptSet
 
-__all__ = ["build_classifier", "classification_metrics", "zeroshot_classify"]
+__all__ = ["build_classifier", "check_label_range", "classification_metrics", "zeroshot_classify"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,30 +54,55 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     }
 
 
+def check_label_range(labels, num_classes: int, *, name: str, source: str = "") -> None:
+    """Raise when a label lies outside ``[0, num_classes)``.
+
+    Raises:
+        ValueError: naming the offending labels (up to five), how many images carry them and the source.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    outside = (labels < 0) | (labels >= num_classes)
+    if not bool(outside.any()):
+        return
+    bad = sorted(set(labels[outside].tolist()))
+    shown = ", ".join(str(label) for label in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    where = f" in {source}" if source else ""
+    raise ValueError(
+        f"{name}: label{'s' if len(bad) > 1 else ''} {shown} of {int(outside.sum())} images{where} "
+        f"{'are' if len(bad) > 1 else 'is'} outside the {num_classes} class names (valid labels: 0 to "
+        f"{num_classes - 1}); fix the labels, or the classnames.txt that goes with the labels file"
+    )
+
+
 def zeroshot_classify(encoder: Encoder, loader, prompts: PromptSet, *, name: str = "zeroshot",
-                      batch_size: int = 256) -> dict[str, Any]:
+                      batch_size: int = 256, max_bad_fraction: float = 0.05, source: str = "") -> dict[str, Any]:
     """Classify every image of ``loader`` (batches with ``label``) against the prompt classifier.
 
+    Args:
+        max_bad_fraction: largest tolerated share of unreadable images.
+        source: the dataset's file or folder, for error messages.
+
     Returns:
-        The metrics of :func:`classification_metrics` plus where the class names and templates came from.
+        The metrics of :func:`classification_metrics`, ``num_images_skipped`` and where the class names and
+        templates came from.
+
+    Raises:
+        ValueError: more than ``max_bad_fraction`` of the images are unreadable, or a label has no class name.
     """
     classifier = build_classifier(encoder, prompts, batch_size=batch_size)  # [C, E]
     feats = encoder.images(loader, desc=name)
-    if "image_features" not in feats:
-        raise ValueError(f"{name}: no readable images")
+    check_unreadable(feats, desc=f"zero-shot {name}" + (f" ({source})" if source else ""),
+                     max_bad_fraction=max_bad_fraction)
     labels = feats["label"]
-    if labels.max() >= len(prompts.classnames) or labels.min() < 0:
-        raise ValueError(
-            f"{name}: label {int(labels.max())} is outside the {len(prompts.classnames)} class names; check the "
-            "classnames.txt that goes with the labels file"
-        )
+    check_label_range(labels, len(prompts.classnames), name=name, source=source)
     logits = feats["image_features"] @ classifier.T
     metrics = classification_metrics(logits, labels, len(prompts.classnames))
     if metrics["num_classes_with_images"] * 2 < metrics["num_classes"]:
         logger.warning("%s: only %d of %d classes have images; the chance level assumes all %d classes, so check "
                        "the dataset's folders or labels", name, metrics["num_classes_with_images"],
                        metrics["num_classes"], metrics["num_classes"])
-    metrics.update(templates=prompts.template_source, template_origin=prompts.template_origin,
+    metrics.update(num_images_skipped=feats["num_images_skipped"], templates=prompts.template_source,
+                   template_origin=prompts.template_origin,
                    num_templates=len(prompts.templates), classnames=prompts.classnames_source,
                    duplicate_classnames=prompts.duplicate_names())
     return metrics

@@ -203,6 +203,41 @@ def _best_sentence(study: str, rows: list[dict[str, Any]]) -> str:
     return "Best order per metric (this run of the study, one seed): " + "; ".join(parts) + "."
 
 
+def _evaluation_setup(summary: dict[str, Any]) -> str:
+    """Describe the datasets that the runs were evaluated on, read from their records."""
+    zeroshot: dict[str, int] = {}
+    probe: dict[str, int] = {}
+    retrieval: dict[str, str] = {}
+    gap: dict[str, str] = {}
+    for run in summary["runs"]:
+        for record in run["records"]:
+            task, name, metrics = record["task"], record["dataset"], record["metrics"]
+            if record.get("skipped"):
+                continue
+            if task == "zeroshot_classification":
+                zeroshot[name] = metrics["num_images"]
+            elif task == "linear_probe":
+                probe[name] = metrics["num_train"] + metrics["num_val"] + metrics["num_test"]
+            elif task == "zeroshot_retrieval":
+                split = f", split {metrics['split']}" if metrics.get("split") else ""
+                retrieval[name] = (f"`{Path(metrics['source']).name}` ({metrics['num_images']} images, "
+                                   f"{metrics['num_texts']} captions{split})")
+            elif task == "modality_gap":
+                gap[name] = f"`{Path(metrics['source']).name}` ({metrics['num_pairs']} pairs)"
+    parts = []
+    if zeroshot:
+        parts.append("zero-shot on " + ", ".join(f"{n} ({k} images)" for n, k in zeroshot.items()))
+    if retrieval:
+        parts.append("retrieval on " + ", ".join(retrieval.values()))
+    if probe:
+        parts.append("linear probe on " + ", ".join(f"{n} ({k} images)" for n, k in probe.items()))
+    if gap:
+        parts.append("modality gap on " + ", ".join(gap.values()))
+    if not parts:
+        return "Evaluation: no dataset was evaluated."
+    return "Evaluation: " + "; ".join(parts) + "."
+
+
 def write_report(out: Path, summary: dict[str, Any]) -> Path:
     """Write ``out/report.md`` and ``out/plots/summary.png`` from ``results/study.json`` content."""
     out = Path(out)
@@ -218,6 +253,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
                  f"{settings.get('steps')} steps of batch {settings.get('batch_size')} per run, seed "
                  f"{settings.get('seed')}, the same data and steps for every run (matched compute).")
     lines.append(f"- Training data: `{settings.get('data')}`.")
+    lines.append(f"- {_evaluation_setup(summary)}")
     lines.append(f"- Teacher `{settings.get('teacher')}`, weights: `{settings.get('teacher_weights')}` "
                  "(used only by runs with fusion).")
     for note in settings.get("notes", []):

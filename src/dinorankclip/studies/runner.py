@@ -203,7 +203,9 @@ def run_study(study: str, *, out: str | Path, preset: str = "tiny-cpu", steps: i
                                          teacher_weights=teacher_weights,
                                          second_caption_column=second_caption_column, device=device)
     if eval_cfg is None:
-        eval_cfg, preset_skipped = spec.eval_config(next(iter(configs.values())).eval.batch_size)
+        run_eval = next(iter(configs.values())).eval
+        eval_cfg, preset_skipped = spec.eval_config(run_eval.batch_size)
+        eval_cfg.max_bad_fraction = run_eval.max_bad_fraction
         skipped = preset_skipped if skipped is None else skipped
     if not (eval_cfg.zeroshot or eval_cfg.retrieval or eval_cfg.probe or eval_cfg.modality_gap):
         raise ConfigError(f"preset {preset!r} has no evaluation data; give datasets (--zeroshot, --retrieval, "
