@@ -62,3 +62,25 @@ def tiny_overrides() -> tuple[str, ...]:
 def _deterministic_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_overrides):
+    """An evaluation encoder around a tiny randomly initialised model without fusion (seed 0)."""
+    from dinorankclip.config import load_config
+    from dinorankclip.eval.features import Encoder
+    from dinorankclip.models.dinorankclip import build_model
+    from dinorankclip.models.trunk import build_tokenizer
+
+    cfg = load_config(None, list(tiny_overrides) + ["fusion.variant=none"])
+    torch.manual_seed(0)
+    model = build_model(cfg, None)
+    return Encoder(model, build_tokenizer(model.spec), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def transform(encoder):
+    """The evaluation transform of ``encoder``'s model."""
+    from dinorankclip.eval.runner import eval_views
+
+    return eval_views(encoder.model)

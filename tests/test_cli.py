@@ -139,7 +139,7 @@ def test_train_refuses_existing_run_folder(trained_run, pairs_csv, tiny_override
                  f"data.train={pairs_csv}", "train.lr=0.5"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "already holds a run" in err
+    assert "already contains a run" in err
     assert "train.overwrite=true" in err
     assert (trained_run / "model.safetensors").read_bytes() == model
     assert (trained_run / "metrics.jsonl").read_text() == metrics

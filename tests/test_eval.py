@@ -9,14 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinorankclip.config import EvalConfig, load_config
-from dinorankclip.eval.features import Encoder
+from dinorankclip.config import EvalConfig
 from dinorankclip.eval.prompts import resolve_prompts
 from dinorankclip.eval.retrieval import recall_at_k, retrieval_chance
 from dinorankclip.eval.runner import evaluate
 from dinorankclip.eval.zeroshot import build_classifier, classification_metrics
-from dinorankclip.models.dinorankclip import build_model
-from dinorankclip.models.trunk import build_tokenizer
 
 
 def test_retrieval_hit_on_any_caption():
@@ -49,14 +46,6 @@ def test_classification_metrics_known_answer():
     assert metrics["top5"] == pytest.approx(1.0)
     assert metrics["mean_per_class_recall"] == pytest.approx(0.5)
     assert metrics["chance_top1"] == pytest.approx(0.25)
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_overrides):
-    cfg = load_config(None, list(tiny_overrides) + ["fusion.variant=none"])
-    torch.manual_seed(0)
-    model = build_model(cfg, None)
-    return Encoder(model, build_tokenizer(model.spec), torch.device("cpu"))
 
 
 def test_duplicate_class_names_stay_separate(tmp_path, encoder, caplog):

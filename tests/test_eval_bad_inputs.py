@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
+from table_helpers import read_rows, write_table
 
 from dinorankclip.cli.eval_cmd import eval_config_from_args
 from dinorankclip.config import ConfigError, EvalConfig, load_config
 from dinorankclip.eval.captions import open_captions
-from dinorankclip.eval.features import Encoder
 from dinorankclip.eval.modality_gap import run_modality_gap
 from dinorankclip.eval.probe import run_probe
 from dinorankclip.eval.prompts import resolve_prompts
-from dinorankclip.eval.runner import eval_views, evaluate, run_retrieval, run_zeroshot
-from dinorankclip.models.dinorankclip import build_model
-from dinorankclip.models.trunk import build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_overrides):
-    cfg = load_config(None, list(tiny_overrides) + ["fusion.variant=none"])
-    torch.manual_seed(0)
-    model = build_model(cfg, None)
-    return Encoder(model, build_tokenizer(model.spec), torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def transform(encoder):
-    return eval_views(encoder.model)
+from dinorankclip.eval.runner import evaluate, run_retrieval, run_zeroshot
 
 
 @pytest.fixture
@@ -47,44 +30,31 @@ def no_encoding(encoder, monkeypatch):
     return encoder
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _write(path: Path, rows: list[dict[str, str]], fields: list[str]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def _cifar_labels(tmp_path: Path, sample_data: Path, *, num_rows: int, num_missing: int,
                   label: str | None = None) -> Path:
     """Write a labels CSV of ``num_rows`` CIFAR-10 test images whose first ``num_missing`` paths do not exist."""
-    rows = _rows(sample_data / "cifar10" / "test.csv")[::10][:num_rows]
+    rows = read_rows(sample_data / "cifar10" / "test.csv")[::10][:num_rows]
     for i, row in enumerate(rows):
         folder = tmp_path / "missing" if i < num_missing else sample_data / "cifar10"
         row["filepath"] = str(folder / row["filepath"])
         if label is not None and i == num_rows - 1:
             row["label"] = label
     shutil.copy(sample_data / "cifar10" / "classnames.txt", tmp_path / "classnames.txt")
-    return _write(tmp_path / "labels.csv", rows, ["filepath", "label"])
+    return write_table(tmp_path / "labels.csv", rows, ["filepath", "label"])
 
 
 def _flickr_pairs(tmp_path: Path, sample_data: Path, *, num_images: int, num_missing: int) -> Path:
     """Write a caption CSV of ``num_images`` Flickr8k test images (5 captions each), the first ones missing."""
-    rows = _rows(sample_data / "flickr8k" / "test.csv")[:5 * num_images]
+    rows = read_rows(sample_data / "flickr8k" / "test.csv")[:5 * num_images]
     for i, row in enumerate(rows):
         folder = tmp_path / "missing" if i // 5 < num_missing else sample_data / "flickr8k"
         row["filepath"] = str(folder / row["filepath"])
-    return _write(tmp_path / "pairs.csv", rows, ["filepath", "caption"])
+    return write_table(tmp_path / "pairs.csv", rows, ["filepath", "caption"])
 
 
 def _karpathy(tmp_path: Path, sample_data: Path, num_images: int) -> list[dict]:
     by_image: dict[str, list[str]] = {}
-    for row in _rows(sample_data / "flickr8k" / "test.csv"):
+    for row in read_rows(sample_data / "flickr8k" / "test.csv"):
         by_image.setdefault(row["filepath"], []).append(row["caption"])
     return [{"filename": Path(file).name, "filepath": "images", "split": "test",
              "sentences": [{"raw": c} for c in captions]} for file, captions in list(by_image.items())[:num_images]]
@@ -152,11 +122,11 @@ def test_retrieval_and_gap_unreadable(tmp_path, sample_data, encoder, transform)
 
 
 def test_probe_unreadable(tmp_path, sample_data, encoder, transform):
-    rows = _rows(sample_data / "dtd" / "labels.csv")[:40]
+    rows = read_rows(sample_data / "dtd" / "labels.csv")[:40]
     for i, row in enumerate(rows):
         row["filepath"] = str((tmp_path / "missing" if i % 4 == 0 else sample_data / "dtd") / row["filepath"])
     shutil.copy(sample_data / "dtd" / "classnames.txt", tmp_path / "classnames.txt")
-    table = _write(tmp_path / "labels.csv", rows, ["filepath", "label"])
+    table = write_table(tmp_path / "labels.csv", rows, ["filepath", "label"])
     common = {"transform": transform, "c_values": [1.0], "val_fraction": 0.2, "test_fraction": 0.5}
     with pytest.raises(ValueError, match="probe dtd .*10 of 40 images are unreadable"):
         run_probe(encoder, "dtd", table, **common)

@@ -9,25 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from table_helpers import read_rows
 
 from dinorankclip.config import ConfigError, EvalConfig, load_config
 from dinorankclip.data.csv_dataset import collate_samples
 from dinorankclip.eval.captions import open_captions
 from dinorankclip.eval.datasets import open_labelled
-from dinorankclip.eval.features import Encoder
 from dinorankclip.eval.folders import imagenet_synsets
-from dinorankclip.eval.runner import eval_views, evaluate, run_retrieval, run_zeroshot
-from dinorankclip.models.dinorankclip import build_model
-from dinorankclip.models.trunk import build_tokenizer
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+from dinorankclip.eval.runner import evaluate, run_retrieval, run_zeroshot
 
 
 def _cifar_images(sample_data: Path, per_class: int, classes=("airplane", "cat", "ship")) -> dict[str, list[Path]]:
-    rows = _rows(sample_data / "cifar10" / "test.csv")
+    rows = read_rows(sample_data / "cifar10" / "test.csv")
     out: dict[str, list[Path]] = {c: [] for c in classes}
     for row in rows:
         if row["class_name"] in out and len(out[row["class_name"]]) < per_class:
@@ -43,21 +36,9 @@ def _image_folder(root: Path, images: dict[str, list[Path]]) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def encoder(tiny_overrides):
-    cfg = load_config(None, list(tiny_overrides) + ["fusion.variant=none"])
-    torch.manual_seed(0)
-    model = build_model(cfg, None)
-    return Encoder(model, build_tokenizer(model.spec), torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def transform(encoder):
-    return eval_views(encoder.model)
-
-
 def test_csv_split_column_filters_rows(tmp_path, sample_data, encoder, transform):
-    rows = _rows(sample_data / "cifar10" / "train.csv")[::50] + _rows(sample_data / "cifar10" / "test.csv")[::50]
+    cifar = sample_data / "cifar10"
+    rows = read_rows(cifar / "train.csv")[::50] + read_rows(cifar / "test.csv")[::50]
     table = tmp_path / "labels.csv"
     with table.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["filepath", "label", "split"])
@@ -133,7 +114,7 @@ def test_imagenet_r_subset_classifier(tmp_path, sample_data, transform):
 
 
 def test_cub_official_layout(tmp_path, sample_data, transform):
-    rows = _rows(sample_data / "cub200" / "labels.csv")[:6]
+    rows = read_rows(sample_data / "cub200" / "labels.csv")[:6]
     root = tmp_path / "CUB_200_2011"
     (root / "images").mkdir(parents=True)
     official = (sample_data / "cub200" / "classes_official.txt").read_text().splitlines()
@@ -160,7 +141,7 @@ def test_cub_official_layout(tmp_path, sample_data, transform):
 def test_webdataset_layout(tmp_path, sample_data, encoder, transform):
     import webdataset as wds
 
-    rows = _rows(sample_data / "dtd" / "labels.csv")[::10]
+    rows = read_rows(sample_data / "dtd" / "labels.csv")[::10]
     root = tmp_path / "wds_dtd"
     (root / "test").mkdir(parents=True)
     with wds.TarWriter(str(root / "test" / "0.tar")) as sink:
@@ -190,7 +171,7 @@ def test_torchvision_root_missing_names_layout(tmp_path, transform):
 
 
 def _karpathy(tmp_path: Path, sample_data: Path, num_images: int) -> Path:
-    rows = _rows(sample_data / "flickr8k" / "test.csv")
+    rows = read_rows(sample_data / "flickr8k" / "test.csv")
     by_image: dict[str, list[str]] = {}
     for row in rows:
         by_image.setdefault(row["filepath"], []).append(row["caption"])

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from table_helpers import write_table
 
 from dinorankclip.cli.main import main
 from dinorankclip.config import ConfigError, EvalConfig
@@ -53,14 +54,6 @@ def test_tiny_cpu_preset_matches_compute():
     assert set(skipped) == {("probe", "fgvc_aircraft"), ("probe", "stanford_cars")}
 
 
-def _write_table(path: Path, rows: list[dict[str, str]], fields: list[str]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def _small_sets(tmp_path: Path, sample_data: Path) -> tuple[Path, Path]:
     """Return 10 Flickr8k test pairs and 20 DTD images (2 per class), with absolute image paths."""
     pairs = list(csv.DictReader((sample_data / "flickr8k" / "test.csv").open(newline="")))[:10]
@@ -72,8 +65,8 @@ def _small_sets(tmp_path: Path, sample_data: Path) -> tuple[Path, Path]:
         row["filepath"] = str(sample_data / "dtd" / row["filepath"])
     (tmp_path / "dtd").mkdir()
     (tmp_path / "dtd" / "classnames.txt").write_text((sample_data / "dtd" / "classnames.txt").read_text())
-    return (_write_table(tmp_path / "pairs.csv", pairs, ["filepath", "caption"]),
-            _write_table(tmp_path / "dtd" / "labels.csv", labels, ["filepath", "label"]))
+    return (write_table(tmp_path / "pairs.csv", pairs, ["filepath", "caption"]),
+            write_table(tmp_path / "dtd" / "labels.csv", labels, ["filepath", "label"]))
 
 
 def _small_eval(tmp_path: Path, sample_data: Path) -> EvalConfig:

@@ -285,7 +285,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per step; the contrastive batch stays train.batch_size
     compile: bool = False  # torch.compile the model
     resume: str | None = None  # "latest" (newest checkpoint of output_dir, if any) or a checkpoint folder
-    overwrite: bool = False  # start afresh in an output_dir that holds an earlier run, deleting its results
+    overwrite: bool = False  # start afresh in an output_dir that contains an earlier run, deleting its results
     keep_checkpoints: int = 2  # resumable checkpoints kept in output_dir/checkpoints; 0 keeps all
 
     def __post_init__(self) -> None:

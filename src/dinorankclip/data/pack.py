@@ -93,9 +93,9 @@ def _merged_sizes(out: Path, sizes: dict[str, int], prefix: str) -> dict[str, in
         return dict(sizes)
     if not isinstance(old, dict):
         return dict(sizes)
-    kept = {name: count for name, count in old.items()
-            if not _is_shard_name(name, prefix) and (out / name).is_file()}
-    return {**kept, **sizes}
+    other_prefixes = {name: count for name, count in old.items()
+                      if not _is_shard_name(name, prefix) and (out / name).is_file()}
+    return {**other_prefixes, **sizes}
 
 
 def _write_shard(path: Path, samples: list[dict]) -> None:

@@ -191,7 +191,7 @@ class WorkerStream:
     def _records(self) -> Iterator[RawRecord | BadSample]:
         """Raw records through the shuffle buffer; bad-sample markers pass straight through.
 
-        The buffer holds at most one pass over the worker's shards: when the reader starts the next epoch
+        The buffer contains at most one pass over the worker's shards: when the reader starts the next epoch
         before the buffer is full, the capacity shrinks to what was read so far plus that next record. A
         larger buffer would hold several copies of each sample, put copies into one batch (false negatives
         for the contrastive loss), and read every damaged shard once per pass before the first batch.

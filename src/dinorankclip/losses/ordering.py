@@ -129,7 +129,11 @@ def descending_orders(
     orders = []
     for target in targets:
         order = torch.sort(target.detach(), dim=1, descending=True, stable=True).indices
-        orders.append(order.flip(1) if reverse else order if complete else order[:, :num_positions])
+        if reverse:
+            order = order.flip(1)
+        elif not complete:
+            order = order[:, :num_positions]
+        orders.append(order)
     return orders
 
 

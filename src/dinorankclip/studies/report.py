@@ -211,9 +211,9 @@ def _evaluation_setup(summary: dict[str, Any]) -> str:
     gap: dict[str, str] = {}
     for run in summary["runs"]:
         for record in run["records"]:
-            task, name, metrics = record["task"], record["dataset"], record["metrics"]
             if record.get("skipped"):
                 continue
+            task, name, metrics = record["task"], record["dataset"], record["metrics"]
             if task == "zeroshot_classification":
                 zeroshot[name] = metrics["num_images"]
             elif task == "linear_probe":
@@ -224,6 +224,7 @@ def _evaluation_setup(summary: dict[str, Any]) -> str:
                                    f"{metrics['num_texts']} captions{split})")
             elif task == "modality_gap":
                 gap[name] = f"`{Path(metrics['source']).name}` ({metrics['num_pairs']} pairs)"
+
     parts = []
     if zeroshot:
         parts.append("zero-shot on " + ", ".join(f"{n} ({k} images)" for n, k in zeroshot.items()))

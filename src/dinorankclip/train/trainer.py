@@ -121,7 +121,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume_from: Path | None, is_ma
     """Check that a fresh run does not overwrite an earlier one in ``run_dir``; clear it with train.overwrite.
 
     Raises:
-        ConfigError: ``run_dir`` holds an earlier run and neither a resume nor train.overwrite is set.
+        ConfigError: ``run_dir`` contains an earlier run and neither a resume nor train.overwrite is set.
     """
     if resume_from is not None:
         return
@@ -136,7 +136,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume_from: Path | None, is_ma
         return
     if not cfg.train.overwrite:
         raise ConfigError(
-            f"train.output_dir={str(run_dir)!r} already holds a run ({', '.join(found)}); continue it with "
+            f"train.output_dir={str(run_dir)!r} already contains a run ({', '.join(found)}); continue it with "
             "--resume latest, choose another --out, or set train.overwrite=true to delete its results and start afresh"
         )
     if is_main:
