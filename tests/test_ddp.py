@@ -67,6 +67,9 @@ def test_torchrun_training_on_uneven_shards(tmp_path):
         summaries.append(summary)
         text = text[end:].strip()
     assert [s["steps"] for s in summaries] == [4, 4]  # every process took every step
+    # Every log line names its process; only rank 0 logs progress, the other rank only warnings.
+    assert " rank 0 INFO dinorankclip" in result.stderr
+    assert " rank 1 INFO " not in result.stderr
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]

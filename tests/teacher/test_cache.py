@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -315,6 +316,18 @@ def test_cache_source_never_builds_teacher(cache_dir, table):
     output = source({"key": keys})
     assert output.cls.shape == (3, 16)
     assert output.patch_levels[0].shape == (3, 4, 16)
+
+
+def test_random_teacher_seed_mismatch_warns(cache_dir, table, caplog):
+    """A random-teacher cache is accepted under another seed, with a warning that names both seeds."""
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    teacher_cfg = _config(cache_dir, table).teacher
+    with caplog.at_level(logging.WARNING, logger="dinorankclip.teacher.cache"):
+        check_cache_matches(manifest, teacher_cfg, cache_dir=cache_dir, seed=0)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="dinorankclip.teacher.cache"):
+        check_cache_matches(manifest, teacher_cfg, cache_dir=cache_dir, seed=7)
+    assert "with seed 0" in caplog.text and "train.seed=7" in caplog.text and "--seed 7" in caplog.text
 
 
 def test_weights_fingerprint_forms(tmp_path):

@@ -31,9 +31,15 @@ class _DropOpenClipNoise(logging.Filter):
 
 
 def _setup_logging(verbose: bool) -> None:
-    """Log this package at INFO (DEBUG with -v) on rank 0 and WARNING elsewhere; other libraries at WARNING."""
+    """Log this package at INFO (DEBUG with -v) on rank 0 and WARNING elsewhere; other libraries at WARNING.
+
+    With more than one process every line carries its rank, so a warning about a shard names the process
+    that read it.
+    """
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    where = f" rank {rank}" if world > 1 else ""
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s{where} %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropOpenClipNoise())

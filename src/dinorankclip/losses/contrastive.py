@@ -22,6 +22,7 @@ Normalisation:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -69,6 +70,33 @@ def _check_pair(image_features: Tensor, text_features: Tensor, other: str = "tex
     for name, tensor in (("image_features", image_features), (other, text_features)):
         if not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if image_features.dtype != text_features.dtype and not torch.is_autocast_enabled(image_features.device.type):
+        raise ValueError(
+            f"image_features is {image_features.dtype} but {other} is {text_features.dtype}; cast both to one "
+            "dtype (e.g. .float()) or run the loss under torch.autocast"
+        )
+
+
+def _check_scale(logit_scale: Tensor | float) -> None:
+    """Reject a logit scale that is not one positive finite number.
+
+    The value is read only for Python numbers and CPU tensors, so a CUDA scale costs no device sync.
+    """
+    if isinstance(logit_scale, Tensor):
+        if logit_scale.numel() != 1:
+            raise ValueError(
+                f"logit_scale must be a scalar, got a tensor of shape {tuple(logit_scale.shape)}"
+            )
+        if logit_scale.device.type != "cpu":
+            return
+        value = float(logit_scale.detach())
+    else:
+        value = float(logit_scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"logit_scale must be a positive finite number (the exponentiated temperature, e.g. "
+            f"model.logit_scale.exp()), got {value}"
+        )
 
 
 def pair_logits(
@@ -85,6 +113,7 @@ def pair_logits(
     similarity matrix is computed once.
     """
     _check_pair(image_features, text_features)
+    _check_scale(logit_scale)
     if all_image_features is None and all_text_features is None:
         logits_per_image = logit_scale * image_features @ text_features.T
         return logits_per_image, logits_per_image.T
@@ -329,6 +358,7 @@ class AlipLoss(nn.Module):
         """
         _check_pair(image_features, text_features)
         _check_pair(image_features, caption_features, "caption_features")
+        _check_scale(logit_scale)
         img_cols, txt_cols = _columns(image_features, text_features, all_image_features, all_text_features)
         cap_cols = caption_features if all_caption_features is None else all_caption_features
         rows = slice(row_offset, row_offset + image_features.shape[0])

@@ -119,17 +119,20 @@ def _describe_weights(fingerprint: Mapping[str, Any]) -> str:
     return f"{fingerprint.get('kind')} with SHA-256 {str(fingerprint.get('sha256'))[:16]}..."
 
 
-def check_cache_matches(manifest: Mapping[str, Any], teacher_cfg: Any, *, cache_dir: str | Path) -> None:
+def check_cache_matches(
+    manifest: Mapping[str, Any], teacher_cfg: Any, *, cache_dir: str | Path, seed: int | None = None
+) -> None:
     """Raise unless the cache was made by the teacher that ``teacher_cfg`` describes.
 
     Compared: timm name, timm arguments, weights (by SHA-256; ``teacher.weights=null`` accepts the cache's
-    weights, and ``random`` matches a cache of random weights whatever its seed), image size and the resolved
-    blocks.
+    weights, and ``random`` matches a cache of random weights whatever its seed, with a warning when the seed
+    differs from ``seed``), image size and the resolved blocks.
 
     Args:
         manifest: the cache manifest.
         teacher_cfg: a ``TeacherConfig`` (``name``, ``model_kwargs``, ``weights``, ``image_size``, ``blocks``).
         cache_dir: the cache folder, for the message.
+        seed: the seed a random teacher of this run is initialised with (``train.seed``), or None.
 
     Raises:
         TeacherCacheError: listing every setting that differs, with the cache's and the config's value.
@@ -161,6 +164,13 @@ def check_cache_matches(manifest: Mapping[str, Any], teacher_cfg: Any, *, cache_
         if teacher_cfg.weights == RANDOM_WEIGHTS:
             if cached["kind"] != RANDOM_WEIGHTS:
                 problems.append(f"teacher.weights: cache {_describe_weights(cached)}, config 'random'")
+            elif seed is not None and cached.get("seed") is not None and cached["seed"] != seed:
+                logger.warning(
+                    "teacher cache %s holds features of a random teacher with seed %s, but this run's random "
+                    "teacher uses train.seed=%s, so any teacher built here (online PCA, evaluation with "
+                    "fusion.injection_source=teacher) differs from the cached one; rebuild the cache with "
+                    "--seed %s to match", cache_dir, cached["seed"], seed, seed,
+                )
         elif cached["kind"] == RANDOM_WEIGHTS:
             problems.append(f"teacher.weights: cache {_describe_weights(cached)}, config {teacher_cfg.weights!r}")
         else:

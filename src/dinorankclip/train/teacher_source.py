@@ -51,7 +51,7 @@ class OnlineTeacher:
         self.pca = None
         if cfg.teacher.cache is not None:
             cache = TeacherCache(cfg.teacher.cache)
-            check_cache_matches(cache.manifest, cfg.teacher, cache_dir=cache.path)
+            check_cache_matches(cache.manifest, cfg.teacher, cache_dir=cache.path, seed=cfg.train.seed)
             self.pca = {name: basis.to(device) for name, basis in cache.pca.items()}
         self.teacher = build_teacher(
             cfg.teacher.name,
@@ -97,7 +97,7 @@ class CachedTeacher:
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cache = TeacherCache(cfg.teacher.cache)
-        check_cache_matches(self.cache.manifest, cfg.teacher, cache_dir=self.cache.path)
+        check_cache_matches(self.cache.manifest, cfg.teacher, cache_dir=self.cache.path, seed=cfg.train.seed)
         self.device = device
         self.needs_center_crop = not cfg.teacher.cache_augment
         self.geometry = TeacherGeometry(
