@@ -103,10 +103,10 @@ class StudyPreset:
 
 
 def _tiny_cpu() -> StudyPreset:
-    # Steps per run, from single-thread CPU time measured on an AMD EPYC (Zen 4) core with torch 2.14:
-    # one step of batch 128 costs 3.5 s with fusion and 2.2 s without. Evaluating one run on the bundled
-    # sets costs about 25 s. Two dedicated cores take at most that long, so each study below needs an
-    # estimated 35 to 40 minutes of its 60-minute budget (docs/studies.md).
+    # Steps per run, from the slowest 2-core machine measured (AMD EPYC with AVX2 only, torch 2.14 at 2
+    # threads): one step of batch 128 takes 6.2 s of wall time with fusion and about 4.2 s without, and
+    # evaluating one run on the bundled sets with its start-up about 40 s. Each study below then needs an
+    # estimated 36 to 39 minutes of its 60-minute budget on that machine (docs/studies.md).
     return StudyPreset(
         config="tiny-cpu",
         overrides=(
@@ -115,7 +115,7 @@ def _tiny_cpu() -> StudyPreset:
             "train.log_every=10",
             "train.tensorboard=false",
         ),
-        steps={"order-sweep": 100, "fusion-ablation": 80, "baselines": 150},
+        steps={"order-sweep": 64, "fusion-ablation": 48, "baselines": 90},
         second_caption_column=BUNDLED_SECOND_CAPTION_COLUMN,
         bundled_eval=True,
         notes=(
