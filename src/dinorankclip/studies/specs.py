@@ -103,10 +103,10 @@ class StudyPreset:
 
 
 def _tiny_cpu() -> StudyPreset:
-    # Steps per run, from the slowest 2-core machine measured (AMD EPYC with AVX2 only, torch 2.14 at 2
-    # threads): one step of batch 128 takes 6.2 s of wall time with fusion and about 4.2 s without, and
-    # evaluating one run on the bundled sets with its start-up about 40 s. Each study below then needs an
-    # estimated 36 to 39 minutes of its 60-minute budget on that machine (docs/studies.md).
+    # Steps per run are sized on the slowest 2-core machine measured: an AMD EPYC with AVX2 only, torch 2.14
+    # at 2 threads. There one step of batch 128 takes 6.2 s of wall time with fusion and about 4.2 s
+    # without. Evaluating a run on the bundled sets, with its start-up, takes about 40 s. Each study below
+    # then needs an estimated 36 to 39 minutes of its 60-minute budget there (docs/studies.md).
     return StudyPreset(
         config="tiny-cpu",
         overrides=(

@@ -166,7 +166,7 @@ def check_cache_matches(
                 problems.append(f"teacher.weights: cache {_describe_weights(cached)}, config 'random'")
             elif seed is not None and cached.get("seed") is not None and cached["seed"] != seed:
                 logger.warning(
-                    "teacher cache %s holds features of a random teacher with seed %s, but this run's random "
+                    "teacher cache %s contains features of a random teacher with seed %s, but this run's random "
                     "teacher uses train.seed=%s, so any teacher built here (online PCA, evaluation with "
                     "fusion.injection_source=teacher) differs from the cached one; rebuild the cache with "
                     "--seed %s to match", cache_dir, cached["seed"], seed, seed,
