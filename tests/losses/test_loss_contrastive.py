@@ -38,7 +38,6 @@ def test_clip_loss_rejects_empty_and_integer_features():
         clip_loss(torch.ones(4, 8, dtype=torch.long), torch.ones(4, 8), 10.0)
 
 
-
 @pytest.mark.parametrize("scale", [0.0, -10.0, float("nan"), float("inf"), torch.tensor(-1.0), torch.ones(2)])
 def test_clip_loss_rejects_bad_logit_scale(scale):
     img, txt = unit_features(4, 8, seed=0)
@@ -46,13 +45,15 @@ def test_clip_loss_rejects_bad_logit_scale(scale):
         clip_loss(img, txt, scale)
 
 
-def test_clip_loss_mixed_dtypes_need_a_cast_or_autocast():
+def test_clip_loss_mixed_dtypes():
+    """Features of two float dtypes are an error outside autocast and accepted inside it."""
     img, txt = unit_features(4, 8, seed=0)
-    with pytest.raises(ValueError, match=r"torch.float32 but text_features is torch.float64; cast both"):
+    with pytest.raises(ValueError, match=r"torch.float32 but text_features is torch.float64. Cast both"):
         clip_loss(img, txt.double(), 10.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = clip_loss(img, txt.bfloat16(), 10.0)
     assert torch.isfinite(loss)
+
 
 def _cyclic_loop(img, txt):
     num = img.shape[0]

@@ -327,7 +327,9 @@ def test_random_teacher_seed_mismatch_warns(cache_dir, table, caplog):
     assert not caplog.records
     with caplog.at_level(logging.WARNING, logger="dinorankclip.teacher.cache"):
         check_cache_matches(manifest, teacher_cfg, cache_dir=cache_dir, seed=7)
-    assert "with seed 0" in caplog.text and "train.seed=7" in caplog.text and "--seed 7" in caplog.text
+    assert "with seed 0" in caplog.text
+    assert "train.seed=7" in caplog.text
+    assert "--seed 7" in caplog.text
 
 
 def test_weights_fingerprint_forms(tmp_path):

@@ -72,7 +72,7 @@ def _check_pair(image_features: Tensor, text_features: Tensor, other: str = "tex
             raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     if image_features.dtype != text_features.dtype and not torch.is_autocast_enabled(image_features.device.type):
         raise ValueError(
-            f"image_features is {image_features.dtype} but {other} is {text_features.dtype}; cast both to one "
+            f"image_features is {image_features.dtype} but {other} is {text_features.dtype}. Cast both to one "
             "dtype (e.g. .float()) or run the loss under torch.autocast"
         )
 
@@ -84,9 +84,7 @@ def _check_scale(logit_scale: Tensor | float) -> None:
     """
     if isinstance(logit_scale, Tensor):
         if logit_scale.numel() != 1:
-            raise ValueError(
-                f"logit_scale must be a scalar, got a tensor of shape {tuple(logit_scale.shape)}"
-            )
+            raise ValueError(f"logit_scale must be a scalar, got a tensor of shape {tuple(logit_scale.shape)}")
         if logit_scale.device.type != "cpu":
             return
         value = float(logit_scale.detach())

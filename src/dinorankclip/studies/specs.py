@@ -103,10 +103,8 @@ class StudyPreset:
 
 
 def _tiny_cpu() -> StudyPreset:
-    # Steps per run are sized on the slowest 2-core machine measured: an AMD EPYC with AVX2 only, torch 2.14
-    # at 2 threads. There one step of batch 128 takes 6.2 s of wall time with fusion and about 4.2 s
-    # without. Evaluating a run on the bundled sets, with its start-up, takes about 40 s. Each study below
-    # then needs an estimated 36 to 39 minutes of its 60-minute budget there (docs/studies.md).
+    # Steps per run keep each study near 36 to 39 estimated minutes on the slowest 2-core CPU measured, within
+    # the 60-minute budget. docs/studies.md has the step costs the estimate comes from.
     return StudyPreset(
         config="tiny-cpu",
         overrides=(

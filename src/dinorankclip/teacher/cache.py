@@ -168,7 +168,7 @@ def check_cache_matches(
                 logger.warning(
                     "teacher cache %s contains features of a random teacher with seed %s, but this run's random "
                     "teacher uses train.seed=%s, so any teacher built here (online PCA, evaluation with "
-                    "fusion.injection_source=teacher) differs from the cached one; rebuild the cache with "
+                    "fusion.injection_source=teacher) differs from the cached one. Rebuild the cache with "
                     "--seed %s to match", cache_dir, cached["seed"], seed, seed,
                 )
         elif cached["kind"] == RANDOM_WEIGHTS:
